@@ -1,0 +1,36 @@
+# The two commands of the README. Both create .venv on a fresh machine and install everything into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := demo_out
+# pytest workers: the suite is mostly XLA compiles and torch references, which parallelise well over processes.
+WORKERS ?= 2
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[all]'
+	touch $(STAMP)
+
+## make demo: randomize every tensor of timm's volo_d1_224, save it as .safetensors, convert it to Flax params
+## with the CLI, and print the parity report of our JAX model against timm on the same weights.
+demo: $(STAMP)
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(PY) -m converters.parity --model volo_d1_224 --save-random $(DEMO)/volo_d1_224_random.safetensors --no-compare
+	$(PY) -m converters $(DEMO)/volo_d1_224_random.safetensors --model volo_d1_224 --output $(DEMO)/volo_d1_224_flax
+	$(PY) -m converters.parity --model volo_d1_224 --checkpoint $(DEMO)/volo_d1_224_random.safetensors
+
+## make test: the whole suite, slow cases included (they are marked, never dropped).
+test: $(STAMP)
+	$(PY) -m pytest -n $(WORKERS) --durations=15 tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check volo_jax converters tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
