@@ -1,0 +1,99 @@
+"""Modules shared by two or more model families.
+
+Each mirrors the timm layer of the same name (attribute names included), so that the NNX path of every parameter reads
+like the timm state-dict key and conversion is renaming plus transposes (see ``converters/torch_to_flax.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type | None
+
+# timm initialises Linear weights with trunc_normal_(std=.02). timm truncates at +-2 in absolute units (i.e. ~100 std:
+# effectively untruncated); jax truncates at +-2 std and rescales to the requested std. Only the initial distribution
+# differs slightly; converted checkpoints are unaffected.
+trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
+# torch's default Conv2d/Linear init (kaiming_uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU(): the exact erf form, not the tanh approximation jax.nn.gelu defaults to."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class ReLU(nnx.Module):
+    """Parameter-free placeholder, so an ``nnx.List`` keeps timm's ``nn.Sequential`` indices (conv.0, conv.1, ...)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+def layer_norm(dim: int, *, eps: float = 1e-5, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """torch.nn.LayerNorm(dim) with torch's eps (1e-5; Flax defaults to 1e-6) and the two-pass variance.
+
+    ``use_fast_variance=False``: Flax's default computes E[x^2] - E[x]^2, which loses precision on activations with a
+    large mean; torch computes the centred variance.
+    """
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def batch_norm(dim: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype: Dtype = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """torch.nn.BatchNorm2d(dim): ``momentum`` in torch terms (0.1 in torch is 0.9 in Flax), torch's eps."""
+    return nnx.BatchNorm(dim, epsilon=eps, momentum=1.0 - momentum, use_fast_variance=False, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+
+
+def dropout(rate: float, rngs: nnx.Rngs | None) -> nnx.Dropout:
+    """``nnx.Dropout`` that holds an RNG stream only when it can drop (keeps the state free of unused RNG keys)."""
+    return nnx.Dropout(rate, rngs=rngs if rate > 0.0 else None)
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth per sample (timm ``DropPath``, ``scale_by_keep=True``).
+
+    Has no parameters, so it may stand where timm has ``nn.Identity`` (rate 0). ``model.eval()`` sets
+    ``deterministic=True`` like it does for ``nnx.Dropout``.
+    """
+
+    def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs | None = None):
+        self.rate = rate
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0.0) else nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.rate == 0.0 or self.deterministic:
+            return x
+        if self.rngs is None:
+            raise ValueError("DropPath in training mode needs rngs (create the model with rngs=nnx.Rngs(...)).")
+        keep = 1.0 - self.rate
+        # One Bernoulli draw per sample, broadcast over every other axis: (B, 1, ..., 1).
+        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Mlp(nnx.Module):
+    """timm ``layers.Mlp``: fc1 -> act -> drop1 -> fc2 -> drop2 (timm's ``norm`` is Identity in these models)."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None, *,
+                 act: Callable[[jax.Array], jax.Array] = gelu, drop: float = 0.0, bias: bool = True,
+                 dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02, rngs=rngs)
+        self.fc1 = nnx.Linear(in_features, hidden_features, **kw)
+        self.act = act
+        self.drop1 = dropout(drop, rngs)
+        self.fc2 = nnx.Linear(hidden_features, out_features, **kw)
+        self.drop2 = dropout(drop, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(x))
