@@ -1,0 +1,154 @@
+"""Parity is the specification: timm with every tensor randomized -> file -> create_model(pretrained=file) == timm.
+
+For every VOLO variant the randomized timm weights are written as ``.safetensors``, ``.pth`` (plain state dict) and
+``.pth.tar`` (``{'state_dict': ...}`` like the sail-sg release files); each loads through ``create_model`` to the
+same state, and the model's logits, pre-logits, features and every stage output equal timm's within
+``max|delta| <= 1e-4 * max(1, max|ref|)`` in fp32, top-1 identical; every block is also compared on timm's own input
+so that a failure names the layer. The reference logits must vary across the batch, or the check would test only
+the head.
+"""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import volo_jax  # noqa: E402
+from converters.parity import (  # noqa: E402
+    DEFAULT_TOL,
+    compare_models,
+    make_inputs,
+    randomize_timm_model,
+    save_torch_checkpoint,
+    timm_state_dict_numpy,
+)
+
+SMALL = ["volo_d1_224"]
+LARGE = ["volo_d1_384", "volo_d2_224", "volo_d2_384", "volo_d3_224", "volo_d3_448", "volo_d4_224", "volo_d4_448",
+         "volo_d5_224", "volo_d5_448", "volo_d5_512"]
+
+
+def _flat(model: nnx.Module) -> dict:
+    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))}
+
+
+def _assert_report(report):
+    assert report.batch_std > 0.05, "reference logits do not vary across the batch: the test would only check the head"
+    assert report.ok, "\n" + report.format()
+
+
+def _run_variant(name: str, tmp_path, batch: int, formats=(".safetensors", ".pth", ".pth.tar"), **kw):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, **kw)
+    size = kw.get("img_size")
+    randomize_timm_model(ref, seed=1, calib_input_size=(size, size) if size else None)
+    states = []
+    model = None
+    for ext in formats:
+        path = save_torch_checkpoint(ref, tmp_path / f"{name}{ext}")
+        model = volo_jax.create_model(f"{name}.sail_in1k", pretrained=str(path), **kw)
+        states.append(_flat(model))
+        path.unlink()
+    for other in states[1:]:  # every file format converts to bit-identical parameters
+        assert other.keys() == states[0].keys()
+        for k in states[0]:
+            np.testing.assert_array_equal(other[k], states[0][k], err_msg=k)
+    model.eval()
+    size = model.img_size
+    x = make_inputs(batch, 3, size, seed=0)
+    report = compare_models(ref, model, x, family="volo", name=name)
+    _assert_report(report)
+    return report
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_volo_parity_all_formats(name, tmp_path):
+    report = _run_variant(name, tmp_path, batch=3)
+    # per-block coverage: stem, every network block, both class-attention blocks and the final norm
+    assert len(report.blocks) == 1 + 4 + 1 + 4 + 8 + 2 + 2 + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LARGE)
+def test_volo_parity_large_variants(name, tmp_path):
+    _run_variant(name, tmp_path, batch=2 if name.endswith("224") else 1)
+
+
+def test_volo_parity_other_img_size_and_embeddings(tmp_path):
+    """A model built at a non-default size, and the embedding model (num_classes=0), match timm's."""
+    _run_variant("volo_d1_224", tmp_path, batch=2, formats=(".safetensors",), img_size=160)
+    report = _run_variant("volo_d1_224", tmp_path, batch=2, formats=(".safetensors",), num_classes=0)
+    assert report.outputs[0].name == "logits"
+
+
+def test_volo_other_num_classes_leaves_head_out(tmp_path, caplog):
+    """A 1000-class checkpoint into a 10-class model: every tensor but the heads converts, and the user is told."""
+    torch.manual_seed(0)
+    ref = randomize_timm_model(timm.create_model("volo_d1_224"), seed=2)
+    path = save_torch_checkpoint(ref, tmp_path / "w.safetensors")
+    with caplog.at_level("INFO"):
+        model = volo_jax.create_model("volo_d1_224", pretrained=str(path), num_classes=10)
+    assert "head" in caplog.text.lower()
+    assert model.head.kernel.shape == (384, 10)
+    model.eval()
+    ref_emb = timm.create_model("volo_d1_224", num_classes=0)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith(("head.", "aux_head."))}
+    ref_emb.load_state_dict(sd, strict=True)
+    ref_emb.eval()
+    x = make_inputs(2, 3, 224, seed=1)
+    with torch.no_grad():
+        pre_ref = ref_emb(torch.from_numpy(x)).numpy()
+    assert pre_ref.std(axis=0).mean() > 0.05
+    pre = np.asarray(model.forward_head(model.forward_features(x.transpose(0, 2, 3, 1)), pre_logits=True))
+    assert np.abs(pre - pre_ref).max() <= DEFAULT_TOL * max(1.0, np.abs(pre_ref).max())
+
+
+def test_volo_pos_embed_resampled_like_timm(tmp_path):
+    """A 224 checkpoint into a 288 model: pos_embed is resampled exactly as timm's resample_abs_pos_embed_nhwc."""
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    torch.manual_seed(0)
+    ref224 = randomize_timm_model(timm.create_model("volo_d1_224"), seed=3)
+    path = save_torch_checkpoint(ref224, tmp_path / "w.pth.tar")
+    model = volo_jax.create_model("volo_d1_224", pretrained=str(path), img_size=288)
+    sd = dict(ref224.state_dict())
+    sd["pos_embed"] = resample_abs_pos_embed_nhwc(sd["pos_embed"], [18, 18])
+    ref288 = timm.create_model("volo_d1_224", img_size=288)
+    ref288.load_state_dict(sd, strict=True)
+    ref288.eval()
+    model.eval()
+    x = make_inputs(2, 3, 288, seed=2)
+    _assert_report(compare_models(ref288, model, x, family="volo", name="volo_d1_224@288", per_block=False))
+
+
+def test_volo_forward_train_matches_timm_with_mix_token(monkeypatch):
+    """Dense training output (class logits, per-token aux logits, MixToken box) against timm's forward_train.
+
+    Training mode (BatchNorm on batch statistics) with a fixed box: timm draws it with torch's RNG, so the test
+    patches timm's rand_bbox and passes the same box to ours. timm 1.0 returns the pooled class token without the
+    head (the original sail-sg code applies it); we apply it, so timm's side gets ``head`` applied here.
+    """
+    import timm.models.volo as tvolo
+
+    torch.manual_seed(0)
+    ref = randomize_timm_model(timm.create_model("volo_d1_224", use_mix_token=True), seed=4)
+    model = volo_jax.create_model("volo_d1_224", use_mix_token=True)
+    from converters.torch_to_flax import convert_state_dict
+
+    nnx.update(model, convert_state_dict(timm_state_dict_numpy(ref), model))
+    box = (3, 5, 10, 12)
+    monkeypatch.setattr(tvolo, "rand_bbox", lambda size, lam, scale=1: box)
+    x = make_inputs(2, 3, 224, seed=3)
+    ref.train()
+    with torch.no_grad():
+        cls_t, aux_t, box_t = ref.forward_train(torch.from_numpy(x))
+        cls_t = ref.head(cls_t)
+    model.train()
+    cls_j, aux_j, box_j = nnx.jit(lambda m, x: m.forward_train(x, mix_token=True, bbox=np.array(box)))(
+        model, x.transpose(0, 2, 3, 1))
+    assert tuple(np.asarray(box_j)) == tuple(box_t) == box
+    for ours, theirs in ((cls_j, cls_t.numpy()), (aux_j, aux_t.numpy())):
+        assert np.asarray(theirs).std(axis=0).mean() > 0.05
+        assert np.abs(np.asarray(ours) - theirs).max() <= DEFAULT_TOL * max(1.0, np.abs(theirs).max())
