@@ -373,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
         description="Compare a volo_jax model with timm on the same weights and the same random inputs. Prints the "
                     "max abs/rel error of logits, pre-logits, features and each stage, compares every block on "
                     "timm's own block inputs and names the first divergent one. Exit status 1 above tolerance.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="timm model name, optionally with tag (volo_d1_224.sail_in1k)")
     parser.add_argument("--checkpoint", default=None,
@@ -381,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
                              "omitted: every timm parameter and buffer is randomized (scale-preserving)")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
-    parser.add_argument("--batch-size", "-b", type=int, default=2, help="images in the random test batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the randomized weights and of the input batch")
+    parser.add_argument("--batch-size", "-b", type=int, default=2, help="images in the random test batch (default 2)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the randomized weights and of the input batch (default 0)")
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
-                        help="pass when max|delta| <= tol * max(1, max|ref|) for every compared tensor")
+                        help="pass when max|delta| <= tol * max(1, max|ref|) for every compared tensor (default 1e-4)")
     parser.add_argument("--no-per-block", action="store_true", help="skip the block-by-block comparison")
     parser.add_argument("--save-random", default=None, metavar="FILE",
                         help="also save the (randomized) timm weights to FILE (.safetensors, .pth, .pth.tar, .bin)")

@@ -152,3 +152,33 @@ def test_volo_forward_train_matches_timm_with_mix_token(monkeypatch):
     for ours, theirs in ((cls_j, cls_t.numpy()), (aux_j, aux_t.numpy())):
         assert np.asarray(theirs).std(axis=0).mean() > 0.05
         assert np.abs(np.asarray(ours) - theirs).max() <= DEFAULT_TOL * max(1.0, np.abs(theirs).max())
+
+
+def test_parity_report_names_the_first_divergent_block():
+    """Check the check: a bug injected into one block is caught, and the report points at that block."""
+    from converters.parity import build_pair
+
+    ref, model, family = build_pair("volo_d1_224", seed=5)
+    model.network[2][3].mlp.fc1.bias[...] += 1e-2
+    report = compare_models(ref, model, make_inputs(2, 3, 224, seed=5), family=family, name="volo_d1_224")
+    assert not report.ok
+    assert report.first_divergent_block == "network.2.3"
+    assert [e.ok for e in report.outputs[:2]] == [False, False]  # logits and pre-logits moved too
+    assert "FIRST DIVERGENT BLOCK: network.2.3" in report.format()
+
+
+def test_parity_cli_exit_status(tmp_path):
+    """The user-facing tool: exit 0 on parity, 1 above tolerance (here an impossible tolerance of 1e-12)."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "w.pth.tar"
+    cmd = [sys.executable, "-m", "converters.parity", "--model", "volo_d1_224"]
+    out = subprocess.run(cmd + ["--save-random", str(ckpt), "--no-compare"], capture_output=True, text=True)
+    assert out.returncode == 0 and ckpt.exists(), out.stderr
+    ok = subprocess.run(cmd + ["--checkpoint", str(ckpt), "--no-per-block"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout and "logits" in ok.stdout
+    bad = subprocess.run(cmd + ["--checkpoint", str(ckpt), "--no-per-block", "--tol", "1e-12"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
