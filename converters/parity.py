@@ -85,7 +85,7 @@ def randomize_timm_model(model: Any, *, seed: int = 0, calib_input_size: tuple[i
                 m.momentum = None  # cumulative moving average over the calibration batches
             model.train()
             for _ in range(calib_batches):
-                model(randn((4, in_chans, *size)))
+                model(randn((2, in_chans, *size)))
             for m, (momentum, _) in zip(bns, saved, strict=True):
                 m.momentum = momentum
                 std = m.running_var.clamp_min(1e-6).sqrt()
@@ -307,22 +307,33 @@ def compare_models(timm_model: Any, jax_model: Any, x_nchw: np.ndarray, *, famil
     return report
 
 
-def _nnx_run(model: Any, x: np.ndarray) -> tuple[Any, Any, Any, list[Any]]:
+def _forward_all(m: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
+    feats = m.forward_features(x)
+    return (feats, m.forward_head(feats, pre_logits=True), m(x), m.forward_intermediates(x, intermediates_only=True))
+
+
+def _call(m: Any, x: jax.Array) -> jax.Array:
+    return m(x)
+
+
+_jitted: dict[str, Any] = {}
+
+
+def _nnx_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One ``nnx.jit`` wrapper per function, so blocks of the same structure share one compiled program."""
     from flax import nnx
 
-    @nnx.jit
-    def run(m: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, list[jax.Array]]:
-        feats = m.forward_features(x)
-        return (feats, m.forward_head(feats, pre_logits=True), m.forward_head(feats),
-                m.forward_intermediates(x, intermediates_only=True))
+    if fn.__name__ not in _jitted:
+        _jitted[fn.__name__] = nnx.jit(fn)
+    return _jitted[fn.__name__]
 
-    return run(model, x)
+
+def _nnx_run(model: Any, x: np.ndarray) -> tuple[Any, Any, Any, list[Any]]:
+    return _nnx_jit(_forward_all)(model, x)
 
 
 def _nnx_call(module: Any, x: np.ndarray) -> np.ndarray:
-    from flax import nnx
-
-    return np.asarray(nnx.jit(lambda m, x: m(x))(module, x))
+    return np.asarray(_nnx_jit(_call)(module, x))
 
 
 # --------------------------------------------------------------------------- end to end

@@ -44,17 +44,22 @@ def _run_variant(name: str, tmp_path, batch: int, formats=(".safetensors", ".pth
     ref = timm.create_model(name, **kw)
     size = kw.get("img_size")
     randomize_timm_model(ref, seed=1, calib_input_size=(size, size) if size else None)
-    states = []
+    first = None
     model = None
     for ext in formats:
         path = save_torch_checkpoint(ref, tmp_path / f"{name}{ext}")
+        model = state = None  # free the previous copy before building the next (d5 is 1.2 GB per copy)
         model = volo_jax.create_model(f"{name}.sail_in1k", pretrained=str(path), **kw)
-        states.append(_flat(model))
         path.unlink()
-    for other in states[1:]:  # every file format converts to bit-identical parameters
-        assert other.keys() == states[0].keys()
-        for k in states[0]:
-            np.testing.assert_array_equal(other[k], states[0][k], err_msg=k)
+        state = _flat(model)
+        if first is None:
+            first = state
+            continue
+        # every file format converts to bit-identical parameters
+        assert state.keys() == first.keys()
+        for k in first:
+            np.testing.assert_array_equal(state[k], first[k], err_msg=f"{ext}: {k}")
+    del first, state
     model.eval()
     size = model.img_size
     x = make_inputs(batch, 3, size, seed=0)
@@ -73,7 +78,8 @@ def test_volo_parity_all_formats(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LARGE)
 def test_volo_parity_large_variants(name, tmp_path):
-    _run_variant(name, tmp_path, batch=2 if name.endswith("224") else 1)
+    # batch 2 even for the largest: with one image the check that logits vary across the batch is impossible
+    _run_variant(name, tmp_path, batch=2)
 
 
 def test_volo_parity_other_img_size_and_embeddings(tmp_path):
