@@ -14,10 +14,20 @@ from flax import nnx
 
 Dtype = jnp.dtype | type | None
 
-# timm initialises Linear weights with trunc_normal_(std=.02). timm truncates at +-2 in absolute units (i.e. ~100 std:
-# effectively untruncated); jax truncates at +-2 std and rescales to the requested std. Only the initial distribution
-# differs slightly; converted checkpoints are unaffected.
-trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def timm_trunc_normal(std: float = 0.02) -> nnx.Initializer:
+    """timm's ``trunc_normal_(w, std=std)`` as a Flax initializer.
+
+    timm's bounds ``a=-2., b=2.`` are *absolute* values, i.e. +-100 std for std=.02, so in practice it draws from an
+    untruncated N(0, std^2). ``jax.nn.initializers.truncated_normal(std)`` instead truncates at +-2 *std* (its
+    bounds apply before scaling) and does not correct the variance (actual std ~0.88 * std). Passing the bounds in
+    units of std reproduces timm's distribution.
+    """
+    return nnx.initializers.truncated_normal(stddev=std, lower=-2.0 / std, upper=2.0 / std)
+
+
+trunc_normal_02 = timm_trunc_normal(0.02)
 # torch's default Conv2d/Linear init (kaiming_uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 

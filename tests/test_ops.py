@@ -1,0 +1,176 @@
+"""`volo_jax.ops` one-to-one against `torch.nn.functional` (values and gradients), NHWC vs NCHW at the boundary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from volo_jax import ops
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+SIZES = [(7, 7), (15, 15), (28, 28), (9, 13)]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _x(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _nchw(x: np.ndarray) -> "torch.Tensor":
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def _nhwc(t: "torch.Tensor") -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _patches_to_torch(p: np.ndarray) -> np.ndarray:
+    """(B, h, w, k*k, C) -> torch's unfold layout (B, C * k*k, h*w)."""
+    B, h, w, kk, C = p.shape
+    return p.transpose(0, 4, 3, 1, 2).reshape(B, C * kk, h * w)
+
+
+# (kernel, stride, padding, ceil_mode, count_include_pad): PoolFormer, VOLO's outlook pool, plus the awkward corners
+# of torch's divisor rules (ceil-mode windows running past the padding, stride > kernel, non-square windows).
+AVG_CASES = [
+    (3, 1, 1, False, False),  # PoolFormer
+    (2, 2, 0, True, True),  # VOLO OutlookAttention(stride=2)
+    (3, 3, 0, True, True),
+    (3, 2, 1, True, True),
+    (3, 2, 1, True, False),
+    (3, 2, 1, False, True),
+    (4, 3, 2, True, False),
+    (4, 3, 2, True, True),
+    (2, 3, 1, True, True),
+    ((3, 2), (2, 1), (1, 0), True, True),
+]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode,count_include_pad", AVG_CASES)
+def test_avg_pool2d(size, kernel, stride, padding, ceil_mode, count_include_pad):
+    x = _x((2, *size, 3))
+    ref = F.avg_pool2d(_nchw(x), kernel, stride, padding, ceil_mode, count_include_pad)
+    out = ops.avg_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode, count_include_pad)
+    assert out.shape == _nhwc(ref).shape
+    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
+
+
+def test_avg_pool2d_default_stride_is_kernel():
+    x = _x((1, 9, 13, 2))
+    ref = F.avg_pool2d(_nchw(x), 2, ceil_mode=True)
+    np.testing.assert_allclose(np.asarray(ops.avg_pool2d(jnp.asarray(x), 2, ceil_mode=True)), _nhwc(ref), **TOL)
+
+
+MAX_CASES = [
+    (3, 2, 0, True),  # VoVNet
+    (3, 2, 0, False),
+    (3, 2, 1, True),
+    (2, 2, 0, True),
+    (3, 1, 1, False),
+    (4, 3, 2, True),
+]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode", MAX_CASES)
+def test_max_pool2d(size, kernel, stride, padding, ceil_mode):
+    x = _x((2, *size, 3))
+    ref = F.max_pool2d(_nchw(x), kernel, stride, padding, ceil_mode=ceil_mode)
+    out = ops.max_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode)
+    assert out.shape == _nhwc(ref).shape
+    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
+
+
+@pytest.mark.parametrize("size", [(15, 15), (9, 13)])
+@pytest.mark.parametrize(
+    "pool,args",
+    [
+        ("avg", (3, 1, 1, False, False)),
+        ("avg", (2, 2, 0, True, True)),
+        ("avg", (3, 2, 1, True, False)),
+        ("max", (3, 2, 0, True)),
+        ("max", (3, 2, 1, False)),
+    ],
+)
+def test_pool_grads(size, pool, args):
+    x = _x((2, *size, 3))
+    fn_t, fn_j = (F.avg_pool2d, ops.avg_pool2d) if pool == "avg" else (F.max_pool2d, ops.max_pool2d)
+    xt = _nchw(x).requires_grad_(True)
+    ref = fn_t(xt, *args) if pool == "avg" else fn_t(xt, *args[:3], ceil_mode=args[3])
+    g = _x(_nhwc(ref).shape, seed=1)
+    (ref * _nchw(g)).sum().backward()
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(fn_j(a, *args) * g)))(jnp.asarray(x))  # jit: as in real use
+    np.testing.assert_allclose(np.asarray(grad), _nhwc(xt.grad), **TOL)
+
+
+def test_pool_padding_too_large_raises():
+    with pytest.raises(ValueError, match="at most half"):
+        ops.avg_pool2d(jnp.zeros((1, 7, 7, 1)), 3, 1, 2)
+
+
+# (kernel, padding, stride): VOLO's outlook windows plus padding-free / stride > kernel corners.
+UNFOLD_CASES = [(3, 1, 1), (3, 1, 2), (5, 2, 2), (3, 0, 2), (2, 0, 3), (4, 1, 3), ((3, 2), (1, 0), (2, 1))]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kernel,padding,stride", UNFOLD_CASES)
+def test_unfold(size, kernel, padding, stride):
+    x = _x((2, *size, 3))
+    ref = F.unfold(_nchw(x), kernel, padding=padding, stride=stride).numpy()  # (B, C*k*k, L)
+    out = np.asarray(ops.unfold(jnp.asarray(x), kernel, padding, stride))  # (B, h, w, k*k, C)
+    np.testing.assert_array_equal(_patches_to_torch(out), ref)  # pure data movement: bit-exact
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kernel,padding,stride", UNFOLD_CASES)
+def test_fold(size, kernel, padding, stride):
+    kh, kw = ops._pair(kernel)
+    ph, pw = ops._pair(padding)
+    sh, sw = ops._pair(stride)
+    h = ops.unfold_out_size(size[0], kh, sh, ph)
+    w = ops.unfold_out_size(size[1], kw, sw, pw)
+    p = _x((2, h, w, kh * kw, 3))
+    ref = F.fold(torch.from_numpy(_patches_to_torch(p)), size, kernel, padding=padding, stride=stride)
+    out = ops.fold(jnp.asarray(p), size, kernel, padding, stride)
+    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
+
+
+@pytest.mark.parametrize("size", [(15, 15), (9, 13)])
+@pytest.mark.parametrize("kernel,padding,stride", [(3, 1, 1), (3, 1, 2), (5, 2, 2), (2, 0, 3)])
+def test_unfold_fold_grads(size, kernel, padding, stride):
+    """Gradients of both ops against torch autograd with a random cotangent."""
+    x = _x((2, *size, 3))
+    xt = _nchw(x).requires_grad_(True)
+    ref = F.unfold(xt, kernel, padding=padding, stride=stride)
+    g = _x(ref.shape, seed=1)  # torch layout (B, C*k*k, L)
+    (ref * torch.from_numpy(g)).sum().backward()
+    h = ops.unfold_out_size(size[0], kernel, stride, padding)
+    w = ops.unfold_out_size(size[1], kernel, stride, padding)
+    g_ours = g.reshape(2, 3, kernel * kernel, h, w).transpose(0, 3, 4, 2, 1)  # (B, h, w, k*k, C)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(ops.unfold(a, kernel, padding, stride) * g_ours)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), _nhwc(xt.grad), **TOL)
+
+    p = _x((2, h, w, kernel * kernel, 3), seed=2)
+    pt = torch.from_numpy(_patches_to_torch(p)).requires_grad_(True)
+    ref = F.fold(pt, size, kernel, padding=padding, stride=stride)
+    gy = _x((2, *size, 3), seed=3)
+    (ref * _nchw(gy)).sum().backward()
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(ops.fold(a, size, kernel, padding, stride) * gy)))(jnp.asarray(p))
+    np.testing.assert_allclose(_patches_to_torch(np.asarray(grad)), pt.grad.numpy(), **TOL)
+
+
+def test_fold_is_adjoint_of_unfold():
+    """<unfold(x), p> == <x, fold(p)>: fold is exactly the transpose of unfold."""
+    x, size = jnp.asarray(_x((1, 9, 13, 4))), (9, 13)
+    p = jnp.asarray(_x((1, 5, 7, 9, 4), seed=1))
+    lhs = jnp.vdot(ops.unfold(x, 3, 1, 2), p)
+    rhs = jnp.vdot(x, ops.fold(p, size, 3, 1, 2))
+    np.testing.assert_allclose(float(lhs), float(rhs), rtol=1e-5)
+
+
+def test_fold_wrong_grid_raises():
+    with pytest.raises(ValueError, match="patch grid"):
+        ops.fold(jnp.zeros((1, 4, 4, 9, 2)), (9, 9), 3, 1, 2)

@@ -1,0 +1,246 @@
+"""Pure jnp ops with exact PyTorch semantics, in NHWC layout.
+
+Every function here is a drop-in for its `torch.nn.functional` namesake (with the layout moved to NHWC) and is tested
+one-to-one against it in `tests/test_ops.py`:
+
+- `avg_pool2d`: incl. `ceil_mode` (VOLO's outlook-attention pool) and `count_include_pad=False` (PoolFormer).
+- `max_pool2d`: incl. `ceil_mode` (VoVNet).
+- `unfold` / `fold`: torch's `F.unfold` / `F.fold` (overlapping sum), with the k*k kernel-offset axis kept explicit.
+
+Shapes are static, so window counts and pooling divisors are computed with numpy at trace time and enter the graph
+as constants. Everything is written as a handful of XLA-friendly ops (`reduce_window`, strided slices, `pad`), with
+Python loops only over the k*k kernel offsets, never over output positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+IntPair = int | tuple[int, int]
+
+__all__ = ["avg_pool2d", "max_pool2d", "unfold", "fold", "pool_out_size", "unfold_out_size", "ceil_div"]
+
+
+def _pair(v: IntPair) -> tuple[int, int]:
+    """Return `v` as an (h, w) pair, like torch's `_pair`."""
+    if isinstance(v, int):
+        return v, v
+    a, b = v
+    return int(a), int(b)
+
+
+def pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a torch pooling op along one axis (torch's `pooling_output_shape`).
+
+    With `ceil_mode` the last window may run past the padded input, but torch drops it if it would *start* in the
+    right padding: `if (out - 1) * stride >= size + padding: out -= 1`.
+    """
+    if padding > kernel // 2:
+        raise ValueError(f"padding ({padding}) should be at most half of kernel size ({kernel}), as in torch")
+    span = size + 2 * padding - kernel
+    if span < 0:
+        raise ValueError(f"kernel {kernel} larger than padded input {size} + 2*{padding}")
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def unfold_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Number of sliding-window positions along one axis, as torch's `F.unfold`: floor((L + 2p - k) / s) + 1."""
+    span = size + 2 * padding - kernel
+    if span < 0:
+        raise ValueError(f"kernel {kernel} larger than padded input {size} + 2*{padding}")
+    return span // stride + 1
+
+
+def _pool_pads(size: int, kernel: int, stride: int, padding: int, out: int) -> tuple[int, int]:
+    """(low, high) padding so that `out` windows fit; the high side may exceed `padding` in ceil mode."""
+    return padding, max(0, (out - 1) * stride + kernel - size - padding)
+
+
+def _avg_divisor_1d(size: int, kernel: int, stride: int, padding: int, out: int, count_include_pad: bool) -> np.ndarray:
+    """Per-position window size along one axis, following torch's `avg_pool2d` CPU/CUDA kernels.
+
+    torch: `start = o*s - p; end = min(start + k, L + p); pool = end - start` (the count_include_pad divisor: padding
+    counts, the ceil-mode overhang past the padding does not); then `start, end` are clipped to `[0, L]` for the
+    count_include_pad=False divisor (valid elements only). The 2-D divisor is the outer product of the two axes.
+    """
+    start = np.arange(out) * stride - padding
+    end = np.minimum(start + kernel, size + padding)
+    if count_include_pad:
+        return (end - start).astype(np.float64)
+    return (np.minimum(end, size) - np.maximum(start, 0)).astype(np.float64)
+
+
+def avg_pool2d(
+    x: jax.Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> jax.Array:
+    """`torch.nn.functional.avg_pool2d` on an NHWC tensor.
+
+    Args:
+        x: (B, H, W, C) input.
+        kernel_size: Window size, int or (kh, kw).
+        stride: Window stride; defaults to `kernel_size` like torch.
+        padding: Implicit zero padding on both sides, at most half the kernel.
+        ceil_mode: Use ceil instead of floor for the output size; windows that start inside input+padding but run
+            past it are averaged only over the part inside input+padding (torch's rule).
+        count_include_pad: If False, divide each window by the number of valid (non-padding) elements.
+
+    Returns:
+        (B, h, w, C) pooled tensor, h and w as in torch.
+    """
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    _, H, W, _ = x.shape
+    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
+    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
+    summed = lax.reduce_window(
+        x,
+        np.array(0, x.dtype),  # a concrete numpy init lets jax pick its differentiable monoid reducer under jit
+        lax.add,
+        window_dimensions=(1, kh, kw, 1),
+        window_strides=(1, sh, sw, 1),
+        padding=((0, 0), _pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow), (0, 0)),
+    )  # (B, oh, ow, C)
+    div_h = _avg_divisor_1d(H, kh, sh, ph, oh, count_include_pad)
+    div_w = _avg_divisor_1d(W, kw, sw, pw, ow, count_include_pad)
+    inv = (1.0 / np.outer(div_h, div_w))[None, :, :, None]  # (1, oh, ow, 1), a trace-time constant
+    return summed * jnp.asarray(inv, dtype=x.dtype)
+
+
+def max_pool2d(
+    x: jax.Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    ceil_mode: bool = False,
+) -> jax.Array:
+    """`torch.nn.functional.max_pool2d` on an NHWC tensor (padding acts as -inf, as in torch).
+
+    Args:
+        x: (B, H, W, C) floating-point input.
+        kernel_size: Window size, int or (kh, kw).
+        stride: Window stride; defaults to `kernel_size` like torch.
+        padding: Implicit -inf padding on both sides, at most half the kernel.
+        ceil_mode: Use ceil instead of floor for the output size (torch's rule on the last window).
+
+    Returns:
+        (B, h, w, C) pooled tensor, h and w as in torch.
+    """
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    _, H, W, _ = x.shape
+    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
+    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
+    return lax.reduce_window(
+        x,
+        np.array(-np.inf, x.dtype),  # concrete init: differentiable under jit (see avg_pool2d)
+        lax.max,
+        window_dimensions=(1, kh, kw, 1),
+        window_strides=(1, sh, sw, 1),
+        padding=((0, 0), _pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow), (0, 0)),
+    )  # (B, oh, ow, C)
+
+
+def unfold(x: jax.Array, kernel_size: IntPair, padding: IntPair = 0, stride: IntPair = 1) -> jax.Array:
+    """`torch.nn.functional.unfold` (im2col) on an NHWC tensor, with the kernel-offset axis explicit.
+
+    `out[b, i, j, ki * kw + kj, c] == x_padded[b, i * sh + ki, j * sw + kj, c]`, i.e. the k*k axis is row-major over
+    (ki, kj) exactly like torch's, whose (B, C * kh * kw, L) output holds the same value at
+    `[b, c * kh * kw + ki * kw + kj, i * w + j]`.
+    Built as kh*kw strided slices of the zero-padded input stacked on a new axis (no gather).
+
+    Args:
+        x: (B, H, W, C) input.
+        kernel_size: Window size, int or (kh, kw).
+        padding: Zero padding on both sides.
+        stride: Window stride.
+
+    Returns:
+        (B, h, w, kh*kw, C) patches with h = floor((H + 2p - kh) / s) + 1 (and likewise w), as torch.
+    """
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    sh, sw = _pair(stride)
+    B, H, W, C = x.shape
+    oh = unfold_out_size(H, kh, sh, ph)
+    ow = unfold_out_size(W, kw, sw, pw)
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))  # (B, H + 2ph, W + 2pw, C)
+    patches = [
+        lax.slice(xp, (0, ki, kj, 0), (B, ki + (oh - 1) * sh + 1, kj + (ow - 1) * sw + 1, C), (1, sh, sw, 1))
+        for ki in range(kh)
+        for kj in range(kw)
+    ]  # kh*kw x (B, oh, ow, C)
+    return jnp.stack(patches, axis=3)  # (B, oh, ow, kh*kw, C)
+
+
+def fold(
+    patches: jax.Array,
+    output_size: IntPair,
+    kernel_size: IntPair,
+    padding: IntPair = 0,
+    stride: IntPair = 1,
+) -> jax.Array:
+    """`torch.nn.functional.fold` (col2im, overlapping sum) on NHWC patches; the adjoint of `unfold`.
+
+    `out[b, y, x, c] = sum over (i, j, ki, kj) with i*sh + ki - ph == y and j*sw + kj - pw == x of
+    patches[b, i, j, ki * kw + kj, c]` (row-major k*k axis, as `unfold`). Written as a sum of kh*kw `lax.pad` calls,
+    one per kernel offset: interior padding `s - 1` spreads the (h, w) grid to stride s, edge padding places it at
+    offset (ki - ph, kj - pw) (negative = crop of the padding), so XLA fuses the whole thing into one elementwise
+    loop instead of a much slower scatter-add.
+
+    Args:
+        patches: (B, h, w, kh*kw, C) blocks, h and w equal to `unfold`'s window counts for `output_size`.
+        output_size: (H, W) of the result, int or pair.
+        kernel_size: Window size, int or (kh, kw).
+        padding: Padding that `unfold` would have added (cropped here).
+        stride: Window stride.
+
+    Returns:
+        (B, H, W, C) tensor.
+
+    Raises:
+        ValueError: If the patch grid or the k*k axis does not match `output_size`/`kernel_size` (torch raises too).
+    """
+    kh, kw = _pair(kernel_size)
+    ph, pw = _pair(padding)
+    sh, sw = _pair(stride)
+    H, W = _pair(output_size)
+    B, oh, ow, kk, C = patches.shape
+    if kk != kh * kw:
+        raise ValueError(f"fold: patches have {kk} kernel offsets, expected kh*kw = {kh * kw}")
+    if (oh, ow) != (unfold_out_size(H, kh, sh, ph), unfold_out_size(W, kw, sw, pw)):
+        raise ValueError(
+            f"fold: patch grid {(oh, ow)} does not match output_size {(H, W)} with kernel {(kh, kw)}, "
+            f"padding {(ph, pw)}, stride {(sh, sw)}: expected "
+            f"{(unfold_out_size(H, kh, sh, ph), unfold_out_size(W, kw, sw, pw))}"
+        )
+    span_h, span_w = (oh - 1) * sh + 1, (ow - 1) * sw + 1  # extent of the dilated grid
+    zero = jnp.array(0, patches.dtype)
+    out = None
+    for ki in range(kh):
+        for kj in range(kw):
+            lo_h, lo_w = ki - ph, kj - pw
+            placed = lax.pad(
+                patches[:, :, :, ki * kw + kj, :],  # (B, oh, ow, C)
+                zero,
+                ((0, 0, 0), (lo_h, H - lo_h - span_h, sh - 1), (lo_w, W - lo_w - span_w, sw - 1), (0, 0, 0)),
+            )  # (B, H, W, C)
+            out = placed if out is None else out + placed
+    return out
+
+
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for ints, as `math.ceil(a / b)` in timm without the float round trip."""
+    return -(-a // b)
