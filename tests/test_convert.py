@@ -714,7 +714,9 @@ def test_cli_and_create_model_match_timm_volo_d1(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    tmodel = timm.create_model("volo_d1_224").eval()
+    from converters.parity import randomize_timm_model
+
+    tmodel = randomize_timm_model(timm.create_model("volo_d1_224"), seed=7)
     save_file({k: v.contiguous() for k, v in tmodel.state_dict().items()}, tmp_path / "volo.safetensors")
     out = tmp_path / "volo_flax"
     result = _cli(str(tmp_path / "volo.safetensors"), "--model", "volo_d1_224", "--output", str(out), "--no-progress")
@@ -744,3 +746,41 @@ def test_cli_and_create_model_match_timm_volo_d1(tmp_path):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=600, env=env)
+
+
+@needs_registry
+def test_cli_refuses_each_bad_checkpoint_and_leaves_no_output(tmp_path):
+    """Acceptance: another architecture, a missing key, an extra key, a wrong shape, a truncated file and a pickle
+    carrying arbitrary objects are each refused with a message naming the problem (exit 2), and no output is left."""
+    import timm
+    from safetensors.numpy import save_file
+
+    sd = {k: v.numpy() for k, v in timm.create_model("volo_d1_224").state_dict().items()}
+    other = {k: v.numpy() for k, v in timm.create_model("resnet18").state_dict().items()}
+    missing = {k: v for k, v in sd.items() if k != "network.2.3.mlp.fc1.weight"}
+    extra = {**sd, "network.9.0.norm1.weight": np.ones(384, np.float32)}
+    shape = {**sd, "head.bias": np.zeros(999, np.float32)}
+    cases = {
+        "other.safetensors": (other, "probably for another architecture"),
+        "missing.safetensors": (missing, "network.2.3.mlp.fc1.weight"),
+        "extra.safetensors": (extra, "network.9.0.norm1.weight"),
+        "shape.safetensors": (shape, "head.bias"),
+    }
+    for name, (state, _) in cases.items():
+        save_file(state, str(tmp_path / name))
+    good = (tmp_path / "missing.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(good[: len(good) // 3])
+    cases["truncated.safetensors"] = (None, "truncated.safetensors")
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": _Evil(marker)}, tmp_path / "evil.pth.tar")
+    cases["evil.pth.tar"] = (None, "Refusing to unpickle arbitrary objects")
+
+    for name, (_, expected) in cases.items():
+        out = tmp_path / f"out_{name}"
+        result = _cli(str(tmp_path / name), "--model", "volo_d1_224", "--output", str(out), "--no-progress")
+        assert result.returncode == 2, (name, result.stdout, result.stderr)
+        assert expected in result.stderr, (name, result.stderr)
+        assert not out.exists(), name
+    assert not marker.exists(), "the pickle payload must not have run"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    assert leftovers == [], leftovers
