@@ -14,13 +14,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
 
-## make demo: randomize every tensor of timm's volo_d1_224, save it as .safetensors, convert it to Flax params
-## with the CLI, and print the parity report of our JAX model against timm on the same weights.
+## make demo: randomize every tensor of timm's volo_d1_224, save it as .safetensors (no hub is reachable here),
+## convert it to Flax params with the CLI, then load those params into our JAX model, the .safetensors into timm,
+## and print the parity report (logits, pre-logits, stages, every block).
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(PY) -m converters.parity --model volo_d1_224 --save-random $(DEMO)/volo_d1_224_random.safetensors --no-compare
 	$(PY) -m converters $(DEMO)/volo_d1_224_random.safetensors --model volo_d1_224 --output $(DEMO)/volo_d1_224_flax
-	$(PY) -m converters.parity --model volo_d1_224 --checkpoint $(DEMO)/volo_d1_224_random.safetensors
+	$(PY) -m converters.parity --model volo_d1_224 --checkpoint $(DEMO)/volo_d1_224_random.safetensors \
+		--flax-params $(DEMO)/volo_d1_224_flax
 
 ## make test: the whole suite, slow cases included (they are marked, never dropped).
 test: $(STAMP)

@@ -337,9 +337,12 @@ def _nnx_call(module: Any, x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- end to end
-def build_pair(model_name: str, *, checkpoint: str | None = None, img_size: int | None = None,
-               num_classes: int | None = None, seed: int = 0) -> tuple[Any, Any, str]:
+def build_pair(model_name: str, *, checkpoint: str | None = None, flax_params: str | None = None,
+               img_size: int | None = None, num_classes: int | None = None, seed: int = 0) -> tuple[Any, Any, str]:
     """timm model (checkpoint weights, or randomized) and our model converted from its state dict.
+
+    ``flax_params`` (a directory written by ``python -m converters``) loads our model from there instead of
+    converting ``checkpoint`` again, so the comparison covers the saved conversion.
 
     Returns:
         ``(timm_model, jax_model, family)``, both in eval mode.
@@ -361,7 +364,7 @@ def build_pair(model_name: str, *, checkpoint: str | None = None, img_size: int 
     torch.manual_seed(seed)
     timm_model = timm.create_model(arch, pretrained=False, **kw)
     if checkpoint is not None:
-        jax_model = volo_jax.create_model(model_name, pretrained=checkpoint, **kw)
+        jax_model = volo_jax.create_model(model_name, pretrained=flax_params or checkpoint, **kw)
         from converters.readers import read_checkpoint
 
         sd = {k: torch.from_numpy(np.array(v)) for k, v in read_checkpoint(checkpoint).items()}
@@ -389,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default=None,
                         help="PyTorch checkpoint (.safetensors/.pth/.pth.tar/.bin) loaded into both models; "
                              "omitted: every timm parameter and buffer is randomized (scale-preserving)")
+    parser.add_argument("--flax-params", default=None, metavar="DIR",
+                        help="with --checkpoint: load our model from DIR, written by `python -m converters` from that "
+                             "checkpoint, instead of converting the checkpoint again")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     parser.add_argument("--batch-size", "-b", type=int, default=2, help="images in the random test batch (default 2)")
@@ -430,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        timm_model, jax_model, family = build_pair(args.model, checkpoint=args.checkpoint, img_size=args.img_size,
+        if args.flax_params and not args.checkpoint:
+            parser.error("--flax-params needs --checkpoint (the PyTorch file timm loads)")
+        timm_model, jax_model, family = build_pair(args.model, checkpoint=args.checkpoint,
+                                                   flax_params=args.flax_params, img_size=args.img_size,
                                                    num_classes=args.num_classes, seed=args.seed)
     except Exception as e:  # conversion errors are the most common user-facing failure: show them plainly
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
