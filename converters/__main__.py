@@ -9,7 +9,6 @@ Exit status: 0 on success; 2 on a bad command line or when the checkpoint can't 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import textwrap
@@ -73,14 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -98,7 +89,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     from converters.readers import read_checkpoint
     from converters.rules import apply_rules, family_of
     from converters.torch_to_flax import convert_with_report
-    from volo_jax.checkpoint import save_params
+    from volo_jax.checkpoint import save_params, sha256_file
     from volo_jax.hub import classifier_prefixes, infer_num_classes
 
     start = time.perf_counter()
@@ -122,7 +113,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     nnx.update(model, state)
     meta = {
         "source_checkpoint": {"path": str(args.checkpoint.resolve()), "name": args.checkpoint.name,
-                              "sha256": _sha256(args.checkpoint)},
+                              "sha256": sha256_file(args.checkpoint)},
         "use_ema": args.use_ema,
         "left_out_of_conversion": list(ignore),
         "resized": {k: [list(a), list(b)] for k, (a, b) in report.resized.items()},

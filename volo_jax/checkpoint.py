@@ -69,7 +69,8 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -153,7 +154,7 @@ def _write_dir(tmp: Path, model: nnx.Module, model_name: str, extra_meta: Mappin
         "pretrained_cfg": _jsonable(pretrained_cfg),
         "volo_jax_version": _version(),
         "weights_file": WEIGHTS_NAME,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
         "num_tensors": len(tensors),
         "num_params": int(sum(v.size for v in tensors.values())),
         "meta": _jsonable(dict(extra_meta or {})),
@@ -272,7 +273,7 @@ def load_params(
     directory = Path(directory)
     config = read_config(directory)
     weights = directory / config.get("weights_file", WEIGHTS_NAME)
-    if verify and config.get("weights_sha256") and _sha256(weights) != config["weights_sha256"]:
+    if verify and config.get("weights_sha256") and sha256_file(weights) != config["weights_sha256"]:
         raise ConversionError(f"{weights} does not match the sha256 recorded in {directory / CONFIG_NAME}: "
                               "the file is corrupt or was modified")
     try:
