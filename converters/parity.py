@@ -232,9 +232,28 @@ def _volo_block_names(model: Any) -> list[str]:
     return names
 
 
+def _poolformer_block_names(model: Any) -> list[str]:
+    names = ["stem"]
+    for i, stage in enumerate(model.stages):
+        if type(stage.downsample).__name__ != "Identity":  # stage 0 keeps its width: nn.Identity
+            names.append(f"stages.{i}.downsample")
+        names += [f"stages.{i}.blocks.{j}" for j in range(len(stage.blocks))]
+    names.append("head.norm")  # applied to the pooled (B, C, 1, 1) map
+    return names
+
+
+def _convit_block_names(model: Any) -> list[str]:
+    # GPSA blocks see (B, N, C) patch tokens; the MHSA blocks after local_up_to_layer and the norm (B, 1 + N, C).
+    return ["patch_embed", *(f"blocks.{i}" for i in range(len(model.blocks))), "norm"]
+
+
 FAMILY_BLOCKS: dict[str, tuple[Callable[[Any], list[str]], Callable[[str], bool]]] = {
     # VOLO is NHWC after its stem; only patch_embed sees NCHW.
     "volo": (_volo_block_names, lambda name: name.startswith("patch_embed")),
+    # PoolFormer (timm's MetaFormer with the pooling mixer) is NCHW everywhere.
+    "poolformer": (_poolformer_block_names, lambda name: True),
+    # ConViT: only patch_embed's input is NCHW; its output is flattened to (B, N, C) (3-D, left as is), like the rest.
+    "convit": (_convit_block_names, lambda name: name == "patch_embed"),
 }
 
 
@@ -379,6 +398,57 @@ def build_pair(model_name: str, *, checkpoint: str | None = None, flax_params: s
         nnx.update(jax_model, state)
     jax_model.eval()
     return timm_model, jax_model, entry.family
+
+
+def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, batch: int = 2,
+                            formats: tuple[str, ...] = (".safetensors",), seed: int = 1, **kwargs: Any) -> ParityReport:
+    """The acceptance check of a variant: randomized timm -> file(s) -> ``create_model(pretrained=file)`` vs timm.
+
+    Every tensor of timm's model is randomized, saved in each of ``formats`` under ``directory``, loaded through
+    ``volo_jax.create_model(name.tag, pretrained=file)``; all formats must convert to bit-identical variables
+    (AssertionError otherwise), then the last model is compared with timm on ``make_inputs``.
+
+    Args:
+        model_name: registered architecture name (the default pretrained tag is used for ``create_model``).
+        directory: where the checkpoint files are written (each is deleted after loading).
+        batch: images in the comparison batch (>= 2, so variation across the batch can be checked).
+        formats: file extensions to round-trip (``.safetensors``, ``.pth``, ``.pth.tar``, ``.bin``).
+        seed: randomization seed.
+        **kwargs: passed to both ``timm.create_model`` and ``volo_jax.create_model`` (``img_size``, ``num_classes``).
+    """
+    import timm
+    import torch
+    from flax import nnx
+
+    import volo_jax
+    from volo_jax.registry import get_entry, get_pretrained_cfg
+
+    entry, _ = get_entry(model_name)
+    tag = get_pretrained_cfg(model_name)["tag"]
+    torch.manual_seed(0)
+    ref = timm.create_model(model_name, **kwargs)
+    size = kwargs.get("img_size")
+    randomize_timm_model(ref, seed=seed, calib_input_size=(size, size) if size else None)
+    first: dict[Any, np.ndarray] | None = None
+    model = None
+    for ext in formats:
+        path = save_torch_checkpoint(ref, Path(directory) / f"{model_name}{ext}")
+        model = None  # free the previous copy before building the next (volo_d5 is 1.2 GB per copy)
+        model = volo_jax.create_model(f"{model_name}.{tag}" if tag else model_name, pretrained=str(path), **kwargs)
+        path.unlink()
+        flat = nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+        state = {k: np.asarray(v.get_value()) for k, v in flat}
+        if first is None:
+            first = state
+            continue
+        assert state.keys() == first.keys(), f"{ext}: other variables than {formats[0]}"
+        for k in first:  # every file format converts to bit-identical parameters
+            np.testing.assert_array_equal(state[k], first[k], err_msg=f"{ext}: {k}")
+    del first
+    model.eval()
+    size = model.pretrained_cfg["input_size"][1:]
+    x = make_inputs(batch, getattr(ref, "in_chans", 3), tuple(size), seed=0)
+    return compare_models(ref, model, x, family=entry.family, name=model_name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from converters.parity import (  # noqa: E402
     make_inputs,
     randomize_timm_model,
     save_torch_checkpoint,
+    saved_checkpoint_parity,
     timm_state_dict_numpy,
 )
 
@@ -30,47 +31,20 @@ LARGE = ["volo_d1_384", "volo_d2_224", "volo_d2_384", "volo_d3_224", "volo_d3_44
          "volo_d5_224", "volo_d5_448", "volo_d5_512"]
 
 
-def _flat(model: nnx.Module) -> dict:
-    return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))}
-
-
 def _assert_report(report):
     assert report.batch_std > 0.05, "reference logits do not vary across the batch: the test would only check the head"
     assert report.ok, "\n" + report.format()
 
 
-def _run_variant(name: str, tmp_path, batch: int, formats=(".safetensors", ".pth", ".pth.tar"), **kw):
-    torch.manual_seed(0)
-    ref = timm.create_model(name, **kw)
-    size = kw.get("img_size")
-    randomize_timm_model(ref, seed=1, calib_input_size=(size, size) if size else None)
-    first = None
-    model = None
-    for ext in formats:
-        path = save_torch_checkpoint(ref, tmp_path / f"{name}{ext}")
-        model = state = None  # free the previous copy before building the next (d5 is 1.2 GB per copy)
-        model = volo_jax.create_model(f"{name}.sail_in1k", pretrained=str(path), **kw)
-        path.unlink()
-        state = _flat(model)
-        if first is None:
-            first = state
-            continue
-        # every file format converts to bit-identical parameters
-        assert state.keys() == first.keys()
-        for k in first:
-            np.testing.assert_array_equal(state[k], first[k], err_msg=f"{ext}: {k}")
-    del first, state
-    model.eval()
-    size = model.img_size
-    x = make_inputs(batch, 3, size, seed=0)
-    report = compare_models(ref, model, x, family="volo", name=name)
+def _run_variant(name: str, tmp_path, batch: int, formats=(".safetensors",), **kw):
+    report = saved_checkpoint_parity(name, tmp_path, batch=batch, formats=formats, **kw)
     _assert_report(report)
     return report
 
 
 @pytest.mark.parametrize("name", SMALL)
 def test_volo_parity_all_formats(name, tmp_path):
-    report = _run_variant(name, tmp_path, batch=3)
+    report = _run_variant(name, tmp_path, batch=3, formats=(".safetensors", ".pth", ".pth.tar"))
     # per-block coverage: stem, every network block, both class-attention blocks and the final norm
     assert len(report.blocks) == 1 + 4 + 1 + 4 + 8 + 2 + 2 + 1
 
@@ -79,13 +53,13 @@ def test_volo_parity_all_formats(name, tmp_path):
 @pytest.mark.parametrize("name", LARGE)
 def test_volo_parity_large_variants(name, tmp_path):
     # batch 2 even for the largest: with one image the check that logits vary across the batch is impossible
-    _run_variant(name, tmp_path, batch=2)
+    _run_variant(name, tmp_path, batch=2, formats=(".safetensors", ".pth", ".pth.tar"))
 
 
 def test_volo_parity_other_img_size_and_embeddings(tmp_path):
     """A model built at a non-default size, and the embedding model (num_classes=0), match timm's."""
-    _run_variant("volo_d1_224", tmp_path, batch=2, formats=(".safetensors",), img_size=160)
-    report = _run_variant("volo_d1_224", tmp_path, batch=2, formats=(".safetensors",), num_classes=0)
+    _run_variant("volo_d1_224", tmp_path, batch=2, img_size=160)
+    report = _run_variant("volo_d1_224", tmp_path, batch=2, num_classes=0)
     assert report.outputs[0].name == "logits"
 
 

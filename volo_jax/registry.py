@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from volo_jax.models import volo
+from volo_jax.models import convit, poolformer, volo
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,10 @@ def _register_family(family: str, module: Any, model_cls: Callable[..., nnx.Modu
 
 _REGISTRY: dict[str, ModelEntry] = {
     **_register_family("volo", volo, volo.VOLO),
+    **_register_family("poolformer", poolformer, poolformer.MetaFormer),
+    **_register_family("convit", convit, convit.ConVit),
 }
-_PRETRAINED: dict[str, dict[str, Any]] = {**volo.PRETRAINED}
+_PRETRAINED: dict[str, dict[str, Any]] = {**volo.PRETRAINED, **poolformer.PRETRAINED, **convit.PRETRAINED}
 
 
 def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:

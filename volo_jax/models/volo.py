@@ -14,7 +14,6 @@ outlooker blocks).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from volo_jax._config import replace_config
 from volo_jax.layers import (
     DropPath,
     Dtype,
@@ -534,11 +534,6 @@ PRETRAINED: dict[str, dict[str, Any]] = {
 }
 
 
-def build(cfg: VoloConfig, **overrides: Any) -> VoloConfig:
-    """``cfg`` with ``create_model`` overrides applied (unknown fields raise a TypeError naming them)."""
-    fields = {f.name for f in dataclasses.fields(VoloConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(f"unknown VOLO argument(s) {unknown}; valid: {sorted(fields)}")
-    return dataclasses.replace(cfg, **overrides)
+# create_model overrides -> config (the registry calls each family's ``build``).
+build = replace_config
 
