@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo_out
-# pytest workers: the suite is mostly XLA compiles and torch references, which parallelise well over processes.
+# pytest workers for the fast part: mostly XLA compiles and torch references, which parallelise over processes.
+# The slow part (large variants: timm + our model + converted copies, up to ~12 GB per process) runs in one
+# process afterwards, so two of them never meet in the 24 GB of the development/CI machine.
 WORKERS ?= 2
 
 .PHONY: demo test lint bench clean
@@ -26,7 +28,8 @@ demo: $(STAMP)
 
 ## make test: the whole suite, slow cases included (they are marked, never dropped).
 test: $(STAMP)
-	$(PY) -m pytest -n $(WORKERS) --durations=15 tests
+	$(PY) -m pytest -n $(WORKERS) -m "not slow" --durations=10 tests
+	$(PY) -m pytest -p no:xdist -m slow --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check volo_jax converters tests benchmarks

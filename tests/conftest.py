@@ -19,3 +19,17 @@ try:  # torch is an optional extra; tests that need it import it via pytest.impo
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 except ImportError:  # pragma: no cover
     pass
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _release_memory_after_slow_tests(request):
+    """Large variants leave compiled programs and big buffers behind; drop them so one process can run them all."""
+    yield
+    if request.node.get_closest_marker("slow"):
+        jax.clear_caches()
+        gc.collect()
