@@ -14,6 +14,8 @@ Python loops only over the k*k kernel offsets, never over output positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,30 @@ def _avg_divisor_1d(size: int, kernel: int, stride: int, padding: int, out: int,
     return (np.minimum(end, size) - np.maximum(start, 0)).astype(np.float64)
 
 
+def _reduce_pool(
+    x: jax.Array, init: np.ndarray, op: Callable, kernel_size: IntPair, stride: IntPair | None, padding: IntPair,
+    ceil_mode: bool,
+) -> tuple[jax.Array, tuple[int, ...]]:
+    """Torch-geometry window reduction shared by the pools: output sizes and ceil-mode pads as torch computes them.
+
+    Returns:
+        The (B, oh, ow, C) reduction and ``(H, W, kh, kw, sh, sw, ph, pw, oh, ow)`` for divisors.
+    """
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    _, H, W, _ = x.shape
+    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
+    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
+    reduced = lax.reduce_window(
+        x, init, op,
+        window_dimensions=(1, kh, kw, 1),
+        window_strides=(1, sh, sw, 1),
+        padding=((0, 0), _pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow), (0, 0)),
+    )
+    return reduced, (H, W, kh, kw, sh, sw, ph, pw, oh, ow)
+
+
 def avg_pool2d(
     x: jax.Array,
     kernel_size: IntPair,
@@ -98,20 +124,9 @@ def avg_pool2d(
     Returns:
         (B, h, w, C) pooled tensor, h and w as in torch.
     """
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
-    _, H, W, _ = x.shape
-    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
-    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
-    summed = lax.reduce_window(
-        x,
-        np.array(0, x.dtype),  # a concrete numpy init lets jax pick its differentiable monoid reducer under jit
-        lax.add,
-        window_dimensions=(1, kh, kw, 1),
-        window_strides=(1, sh, sw, 1),
-        padding=((0, 0), _pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow), (0, 0)),
-    )  # (B, oh, ow, C)
+    # a concrete numpy init lets jax pick its differentiable monoid reducer under jit
+    summed, (H, W, kh, kw, sh, sw, ph, pw, oh, ow) = _reduce_pool(
+        x, np.array(0, x.dtype), lax.add, kernel_size, stride, padding, ceil_mode)  # (B, oh, ow, C)
     div_h = _avg_divisor_1d(H, kh, sh, ph, oh, count_include_pad)
     div_w = _avg_divisor_1d(W, kw, sw, pw, ow, count_include_pad)
     inv = (1.0 / np.outer(div_h, div_w))[None, :, :, None]  # (1, oh, ow, 1), a trace-time constant
@@ -137,20 +152,9 @@ def max_pool2d(
     Returns:
         (B, h, w, C) pooled tensor, h and w as in torch.
     """
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
-    _, H, W, _ = x.shape
-    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
-    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
-    return lax.reduce_window(
-        x,
-        np.array(-np.inf, x.dtype),  # concrete init: differentiable under jit (see avg_pool2d)
-        lax.max,
-        window_dimensions=(1, kh, kw, 1),
-        window_strides=(1, sh, sw, 1),
-        padding=((0, 0), _pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow), (0, 0)),
-    )  # (B, oh, ow, C)
+    # concrete init: differentiable under jit (see avg_pool2d)
+    pooled, _ = _reduce_pool(x, np.array(-np.inf, x.dtype), lax.max, kernel_size, stride, padding, ceil_mode)
+    return pooled  # (B, oh, ow, C)
 
 
 def unfold(x: jax.Array, kernel_size: IntPair, padding: IntPair = 0, stride: IntPair = 1) -> jax.Array:
