@@ -173,10 +173,13 @@ class ParityReport:
     blocks: list[Entry] = field(default_factory=list)
     batch_std: float = 0.0
     top1_equal: bool = True
+    # features_only: None when not compared, else whether channels/reductions/modules equal timm's feature_info.
+    feature_info_equal: bool | None = None
 
     @property
     def ok(self) -> bool:
-        return all(e.ok for e in self.outputs) and all(e.ok for e in self.blocks) and self.top1_equal
+        return (all(e.ok for e in self.outputs) and all(e.ok for e in self.blocks) and self.top1_equal
+                and self.feature_info_equal is not False)
 
     @property
     def first_divergent_block(self) -> str | None:
@@ -195,6 +198,9 @@ class ParityReport:
                          f"(max abs err {worst.max_abs:.3e})")
             if self.first_divergent_block:
                 lines.append(f"FIRST DIVERGENT BLOCK: {self.first_divergent_block}")
+        if self.feature_info_equal is not None:
+            lines.append(f"features_only feature_info (channels, reductions, modules) equal to timm's: "
+                         f"{self.feature_info_equal}")
         lines.append(f"top-1 identical: {self.top1_equal}; logits std across the batch: {self.batch_std:.4g} "
                      "(must be > 0, else the comparison tests only the head)")
         lines.append("PASS" if self.ok else "FAIL")
@@ -247,6 +253,14 @@ def _convit_block_names(model: Any) -> list[str]:
     return ["patch_embed", *(f"blocks.{i}" for i in range(len(model.blocks))), "norm"]
 
 
+def _vovnet_block_names(model: Any) -> list[str]:
+    # The stem convs one by one, then every OSA block (the stages' max pools have no parameters).
+    names = [f"stem.{i}" for i in range(len(model.stem))]
+    for i, stage in enumerate(model.stages):
+        names += [f"stages.{i}.blocks.{j}" for j in range(len(stage.blocks))]
+    return names
+
+
 FAMILY_BLOCKS: dict[str, tuple[Callable[[Any], list[str]], Callable[[str], bool]]] = {
     # VOLO is NHWC after its stem; only patch_embed sees NCHW.
     "volo": (_volo_block_names, lambda name: name.startswith("patch_embed")),
@@ -254,6 +268,8 @@ FAMILY_BLOCKS: dict[str, tuple[Callable[[Any], list[str]], Callable[[str], bool]
     "poolformer": (_poolformer_block_names, lambda name: True),
     # ConViT: only patch_embed's input is NCHW; its output is flattened to (B, N, C) (3-D, left as is), like the rest.
     "convit": (_convit_block_names, lambda name: name == "patch_embed"),
+    # VoVNet is NCHW everywhere.
+    "vovnet": (_vovnet_block_names, lambda name: True),
 }
 
 
@@ -400,13 +416,45 @@ def build_pair(model_name: str, *, checkpoint: str | None = None, flax_params: s
     return timm_model, jax_model, entry.family
 
 
+def compare_features_only(timm_features: Any, ours: Any, x_nchw: np.ndarray, report: ParityReport, *,
+                          tol: float = DEFAULT_TOL) -> ParityReport:
+    """Adds timm's ``features_only`` maps vs ours (NHWC) and their ``feature_info`` to ``report``.
+
+    Args:
+        timm_features: ``timm.create_model(name, features_only=True, ...)`` in eval mode.
+        ours: our :class:`volo_jax.features.FeatureGetter` with the same weights and ``out_indices``, in eval mode.
+        x_nchw: float32 batch ``(B, C, H, W)``.
+        report: the report to extend (``feature_info_equal`` is set).
+        tol: tolerance factor.
+    """
+    import torch
+
+    with torch.no_grad():
+        maps_t = timm_features(torch.from_numpy(np.ascontiguousarray(x_nchw, np.float32)))
+    maps_j = _nnx_jit(_call)(ours, np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1)))
+    info_t = timm_features.feature_info
+    report.feature_info_equal = (
+        ours.feature_info.channels() == list(info_t.channels())
+        and ours.feature_info.reduction() == list(info_t.reduction())
+        and ours.feature_info.module_name() == list(info_t.module_name())
+        and len(maps_j) == len(maps_t)
+    )
+    for i, (a, b, f) in enumerate(zip(maps_j, maps_t, ours.feature_info, strict=False)):
+        report.outputs.append(_entry(f"features_only map {i} ({f['module']})", a, _to_nhwc(b), tol))
+    return report
+
+
 def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, batch: int = 2,
-                            formats: tuple[str, ...] = (".safetensors",), seed: int = 1, **kwargs: Any) -> ParityReport:
+                            formats: tuple[str, ...] = (".safetensors",), seed: int = 1, features: bool = True,
+                            out_indices: int | tuple[int, ...] | None = None, per_block: bool = True,
+                            **kwargs: Any) -> ParityReport:
     """The acceptance check of a variant: randomized timm -> file(s) -> ``create_model(pretrained=file)`` vs timm.
 
     Every tensor of timm's model is randomized, saved in each of ``formats`` under ``directory``, loaded through
     ``volo_jax.create_model(name.tag, pretrained=file)``; all formats must convert to bit-identical variables
-    (AssertionError otherwise), then the last model is compared with timm on ``make_inputs``.
+    (AssertionError otherwise), then the last model is compared with timm on ``make_inputs``. With ``features``,
+    timm's ``features_only`` model loaded from the same file is compared with ours (the same model, wrapped as
+    ``create_model(features_only=True)`` does) on every map.
 
     Args:
         model_name: registered architecture name (the default pretrained tag is used for ``create_model``).
@@ -414,28 +462,37 @@ def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, ba
         batch: images in the comparison batch (>= 2, so variation across the batch can be checked).
         formats: file extensions to round-trip (``.safetensors``, ``.pth``, ``.pth.tar``, ``.bin``).
         seed: randomization seed.
+        features: also compare the ``features_only`` models.
+        out_indices: ``out_indices`` of both ``features_only`` models (None: each library's family default).
+        per_block: also compare every block on timm's own block inputs.
         **kwargs: passed to both ``timm.create_model`` and ``volo_jax.create_model`` (``img_size``, ``num_classes``).
     """
+    import gc
+
     import timm
     import torch
     from flax import nnx
 
     import volo_jax
+    from volo_jax.features import FeatureGetter
     from volo_jax.registry import get_entry, get_pretrained_cfg
 
     entry, _ = get_entry(model_name)
     tag = get_pretrained_cfg(model_name)["tag"]
+    full_name = f"{model_name}.{tag}" if tag else model_name
     torch.manual_seed(0)
     ref = timm.create_model(model_name, **kwargs)
     size = kwargs.get("img_size")
     randomize_timm_model(ref, seed=seed, calib_input_size=(size, size) if size else None)
     first: dict[Any, np.ndarray] | None = None
     model = None
+    path = None
     for ext in formats:
+        if path is not None:
+            path.unlink()
         path = save_torch_checkpoint(ref, Path(directory) / f"{model_name}{ext}")
         model = None  # free the previous copy before building the next (volo_d5 is 1.2 GB per copy)
-        model = volo_jax.create_model(f"{model_name}.{tag}" if tag else model_name, pretrained=str(path), **kwargs)
-        path.unlink()
+        model = volo_jax.create_model(full_name, pretrained=str(path), **kwargs)
         flat = nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
         state = {k: np.asarray(v.get_value()) for k, v in flat}
         if first is None:
@@ -448,7 +505,19 @@ def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, ba
     model.eval()
     size = model.pretrained_cfg["input_size"][1:]
     x = make_inputs(batch, getattr(ref, "in_chans", 3), tuple(size), seed=0)
-    return compare_models(ref, model, x, family=entry.family, name=model_name)
+    try:
+        report = compare_models(ref, model, x, family=entry.family, name=model_name, per_block=per_block)
+        if features:
+            ref = None  # one timm copy at a time
+            gc.collect()
+            feat_kw = dict(kwargs) if out_indices is None else dict(kwargs, out_indices=out_indices)
+            timm_features = timm.create_model(model_name, features_only=True, pretrained=True,
+                                              pretrained_cfg_overlay=dict(file=str(path)), **feat_kw).eval()
+            ours = FeatureGetter(model, entry.default_out_indices if out_indices is None else out_indices)
+            compare_features_only(timm_features, ours, x, report)
+    finally:
+        path.unlink()
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

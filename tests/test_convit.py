@@ -79,6 +79,38 @@ def test_convit_pos_embed_resampled_from_224_checkpoint(tmp_path):
     _assert_report(compare_models(ref160, model, x, family="convit", name="convit_tiny@160", per_block=False))
 
 
+def test_original_release_layout_converts(tmp_path):
+    """facebookresearch/convit's own training checkpoints: DeiT's ``main.py`` layout.
+
+    ``{'model': state_dict, 'optimizer': ..., 'lr_scheduler': ..., 'epoch': ..., 'model_ema': ..., 'scaler': ...,
+    'args': argparse.Namespace}`` with timm's key names (the repo was built on timm; timm's convit.py needs no
+    ``checkpoint_filter_fn``). The weights in ``model`` (default) and in ``model_ema`` (``use_ema``) must give the
+    same outputs as their timm twins; optimizer state and args are ignored, never unpickled as arbitrary objects.
+    """
+    import argparse
+
+    from converters.readers import read_checkpoint
+    from volo_jax.hub import load_torch_state_dict
+
+    torch.manual_seed(0)
+    ref = randomize_timm_model(timm.create_model("convit_tiny"), seed=5)
+    ema = randomize_timm_model(timm.create_model("convit_tiny"), seed=6)
+    opt = torch.optim.AdamW(ref.parameters(), lr=5e-4)
+    ref(torch.randn(1, 3, 224, 224)).sum().backward()
+    opt.step()  # the optimizer state now holds exp_avg/exp_avg_sq tensors for every parameter
+    ckpt = {"model": ref.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": {"t_initial": 300,
+            "base_values": [5e-4]}, "epoch": 299, "model_ema": ema.state_dict(), "scaler": {"scale": 65536.0},
+            "args": argparse.Namespace(model="convit_tiny", lr=5e-4, epochs=300)}
+    path = tmp_path / "checkpoint.pth"
+    torch.save(ckpt, path)
+    x = make_inputs(2, 3, 224, seed=4)
+    model = volo_jax.create_model("convit_tiny", pretrained=str(path))
+    model.eval()
+    _assert_report(compare_models(ref.eval(), model, x, family="convit", name="convit original", per_block=False))
+    load_torch_state_dict(model, read_checkpoint(path, use_ema=True), model_name="convit_tiny")
+    _assert_report(compare_models(ema, model, x, family="convit", name="convit original ema", per_block=False))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_convit_builds_with_timm_parameter_count(name):
     """Abstract build: parameter count, width and feature_info equal timm's; rel_indices is in no checkpoint."""

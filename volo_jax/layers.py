@@ -107,3 +107,10 @@ class Mlp(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(x))
+
+
+class Identity(nnx.Module):
+    """timm's ``nn.Identity`` where a pruned module (e.g. a final norm of a features-only model) keeps its call."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +30,16 @@ class ModelEntry:
     config: Any
     build_config: Callable[..., Any]
     tags: tuple[str, ...]
+    # ``out_indices`` of ``features_only=True`` when none are given (timm's per-family default; None = every map).
+    default_out_indices: int | tuple[int, ...] | None = None
 
 
 def _register_family(family: str, module: Any, model_cls: Callable[..., nnx.Module]) -> dict[str, ModelEntry]:
     entries = {}
     for name, cfg in module.VARIANTS.items():
         tags = tuple(k.split(".", 1)[1] for k in module.PRETRAINED if k.split(".", 1)[0] == name)
-        entries[name] = ModelEntry(name, family, model_cls, cfg, module.build, tags)
+        entries[name] = ModelEntry(name, family, model_cls, cfg, module.build, tags,
+                                   getattr(module, "DEFAULT_OUT_INDICES", None))
     return entries
 
 
@@ -113,6 +116,8 @@ def create_model(
     num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None,
     drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | int | None = None,
@@ -129,6 +134,11 @@ def create_model(
             from the checkpoint's, the heads are left out of conversion (and stay randomly initialised).
         img_size: input resolution; position embeddings of a checkpoint at another size are resampled like timm.
         drop_path_rate: stochastic depth rate (training).
+        features_only: return a :class:`volo_jax.features.FeatureGetter` whose call gives a list of NHWC feature
+            maps (``model.feature_info`` names their channels and reductions), like timm's ``features_only=True``.
+            Pretrained weights are loaded into the full model first, then what the maps do not need is dropped.
+        out_indices: with ``features_only``: which maps (indices into the classifier's ``feature_info``; an int
+            ``n`` means the last ``n``). Default as timm: the last 3 for VOLO and ConViT, all for the CNNs.
         dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay ``param_dtype``.
         param_dtype: parameter dtype.
         rngs: ``nnx.Rngs`` or an int seed for initialisation and dropout (default seed 0).
@@ -137,6 +147,8 @@ def create_model(
     Returns:
         The model in training mode, like timm; call ``model.eval()`` for inference.
     """
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices only applies with features_only=True")
     entry, _ = get_entry(model_name)
     pretrained_cfg = get_pretrained_cfg(model_name)
     overrides = dict(kwargs)
@@ -162,4 +174,8 @@ def create_model(
         from volo_jax.hub import load_pretrained  # local import: keeps `import volo_jax` light
 
         load_pretrained(model, pretrained, model_name=model_name)
+    if features_only:
+        from volo_jax.features import FeatureGetter
+
+        model = FeatureGetter(model, entry.default_out_indices if out_indices is None else out_indices)
     return model

@@ -25,7 +25,17 @@ import numpy as np
 from flax import nnx
 
 from volo_jax._config import replace_config
-from volo_jax.layers import DropPath, Dtype, Mlp, dropout, layer_norm, torch_default_kernel_init, trunc_normal_02
+from volo_jax.features import feature_take_indices
+from volo_jax.layers import (
+    DropPath,
+    Dtype,
+    Identity,
+    Mlp,
+    dropout,
+    layer_norm,
+    torch_default_kernel_init,
+    trunc_normal_02,
+)
 
 _LN_EPS = 1e-6  # timm.layers.LayerNorm, ConViT's norm_layer
 
@@ -300,13 +310,7 @@ class ConVit(nnx.Module):
             norm: apply the final norm to the intermediates (before the class token is stripped, as timm does).
             intermediates_only: return only the list of feature maps.
         """
-        n = len(self.blocks)
-        if indices is None:
-            take_idx = list(range(n))
-        elif isinstance(indices, int):
-            take_idx = list(range(n - indices, n))
-        else:
-            take_idx = [i % n for i in indices]
+        take_idx, _ = feature_take_indices(len(self.blocks), indices)
         take = set(take_idx)
         B = x.shape[0]
         gh, gw = x.shape[1] // self.patch_size, x.shape[2] // self.patch_size
@@ -319,6 +323,27 @@ class ConVit(nnx.Module):
         if intermediates_only:
             return out
         return self.norm(x), out
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops the blocks after the last selected one, and the norm/head (timm's ``prune_intermediate_layers``).
+
+        When only GPSA blocks remain the class token is never inserted, so it goes too (with a token-pooled head).
+        Returns the absolute indices taken.
+        """
+        take_idx, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = nnx.List(list(self.blocks)[:max_index + 1])
+        if max_index < self.local_up_to_layer:
+            self.cls_token = None
+            self.num_prefix_tokens = 0
+            prune_head = prune_head or self.global_pool == "token"
+        if prune_norm:
+            self.norm = Identity()
+        if prune_head:
+            self.head = None
+            self.num_classes = 0
+            self.global_pool = ""
+        return take_idx
 
 
 def _cfg() -> dict[str, Any]:
@@ -344,6 +369,9 @@ PRETRAINED: dict[str, dict[str, Any]] = {
     "convit_base.fb_in1k": _cfg(),
 }
 
+
+# features_only=True without out_indices: the last 3 feature maps, as timm's _create_convit.
+DEFAULT_OUT_INDICES = 3
 
 # create_model overrides -> config (the registry calls each family's ``build``).
 build = replace_config

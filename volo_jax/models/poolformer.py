@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from volo_jax._config import replace_config
+from volo_jax.features import feature_take_indices
 from volo_jax.layers import (
     DropPath,
     Dtype,
@@ -307,6 +308,8 @@ class MetaFormer(nnx.Module):
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Feature map -> logits (or the pooled, normalised embeddings with ``pre_logits=True``)."""
+        if self.head is None:  # pruned for feature extraction: the feature map itself
+            return x
         return self.head(x, pre_logits=pre_logits)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -324,13 +327,7 @@ class MetaFormer(nnx.Module):
             intermediates_only: return only the list of feature maps.
         """
         del norm
-        n = len(self.stages)
-        if indices is None:
-            take = set(range(n))
-        elif isinstance(indices, int):
-            take = set(range(n - indices, n))
-        else:
-            take = {i % n for i in indices}
+        take = set(feature_take_indices(len(self.stages), indices)[0])
         taken = []
         x = self.stem(x)
         for i, stage in enumerate(self.stages):
@@ -340,6 +337,25 @@ class MetaFormer(nnx.Module):
         if intermediates_only:
             return taken
         return x, taken
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops the stages after the last selected one and the head (timm's ``prune_intermediate_layers``).
+
+        ``prune_norm`` is accepted for API compatibility (the only norm outside the stages is the head's). Returns the
+        absolute indices taken.
+        """
+        del prune_norm
+        take_idx, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = nnx.List(list(self.stages)[:max_index + 1])
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.head = None
+            self.num_classes = 0
+            self.global_pool = ""
+        return take_idx
 
 
 def _cfg(crop_pct: float = 1.0) -> dict[str, Any]:

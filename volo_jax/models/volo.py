@@ -22,9 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from volo_jax._config import replace_config
+from volo_jax.features import feature_take_indices
 from volo_jax.layers import (
     DropPath,
     Dtype,
+    Identity,
     Mlp,
     ReLU,
     batch_norm,
@@ -414,13 +416,7 @@ class VOLO(nnx.Module):
             norm: apply the final norm to intermediates from ``network`` index 2 on (as timm does).
             intermediates_only: return only the list of feature maps.
         """
-        n = len(self.stage_ends)
-        if indices is None:
-            take_idx = list(range(n))
-        elif isinstance(indices, int):
-            take_idx = list(range(n - indices, n))
-        else:
-            take_idx = [i % n for i in indices]
+        take_idx, _ = feature_take_indices(len(self.stage_ends), indices)
         take = {self.stage_ends[i] for i in take_idx}
         x, taken = self._run_network(self.patch_embed(x), take)
         if norm:
@@ -433,6 +429,36 @@ class VOLO(nnx.Module):
         if self.post_network is not None:
             x = self.forward_cls(x)
         return self.norm(x), taken
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drops what the selected intermediates do not need (timm's ``prune_intermediate_layers``).
+
+        Keeps ``network`` up to the last selected stage; without the transformer stages the position embedding and
+        final norm go too; with the head go the class token, the class-attention blocks and the aux head (like timm).
+        Returns the absolute indices taken.
+        """
+        take_idx, max_index = feature_take_indices(len(self.stage_ends), indices)
+        num_chs = self.feature_info[max_index]["num_chs"]
+        last = self.stage_ends[max_index]
+        prune_end = last < len(self.network) - 1
+        self.network = nnx.List(list(self.network)[:last + 1])
+        if last < 2:
+            # pos_embed is added, and the final norm (embed_dims[-1] wide) applies, only from network index 2 on.
+            self.pos_embed = None
+            prune_norm = True
+        if prune_norm:
+            self.norm = Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = num_chs
+        if prune_head or prune_end:
+            self.post_network = None
+            self.cls_token = None
+            self.use_aux_head = False
+            self.aux_head = self.head = None
+            self.num_classes = 0
+            self.global_pool = ""
+        return take_idx
 
     def forward_train(self, x: jax.Array, *, mix_token: bool | None = None, key: jax.Array | None = None,
                       bbox: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -533,6 +559,9 @@ PRETRAINED: dict[str, dict[str, Any]] = {
     "volo_d5_512.sail_in1k": _cfg("d5_512_87.07.pth.tar", 512, 1.15),
 }
 
+
+# features_only=True without out_indices: the last 3 feature maps, as timm's _create_volo.
+DEFAULT_OUT_INDICES = 3
 
 # create_model overrides -> config (the registry calls each family's ``build``).
 build = replace_config
