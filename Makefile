@@ -16,15 +16,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all]'
 	touch $(STAMP)
 
-## make demo: randomize every tensor of timm's volo_d1_224, save it as .safetensors (no hub is reachable here),
-## convert it to Flax params with the CLI, then load those params into our JAX model, the .safetensors into timm,
-## and print the parity report (logits, pre-logits, stages, every block).
+## make demo: for each of the four seed models, randomize every tensor of timm's model (no hub is reachable here) and
+## save it as .safetensors, convert it to Flax params with the CLI, then load those params into our JAX model and the
+## .safetensors into timm, and print the parity report (logits, pre-logits, stages, every block, features_only maps).
+SEED_MODELS ?= volo_d1_224 poolformer_m36 ese_vovnet19b_dw convit_base
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(PY) -m converters.parity --model volo_d1_224 --save-random $(DEMO)/volo_d1_224_random.safetensors --no-compare
-	$(PY) -m converters $(DEMO)/volo_d1_224_random.safetensors --model volo_d1_224 --output $(DEMO)/volo_d1_224_flax
-	$(PY) -m converters.parity --model volo_d1_224 --checkpoint $(DEMO)/volo_d1_224_random.safetensors \
-		--flax-params $(DEMO)/volo_d1_224_flax
+	@set -e; for m in $(SEED_MODELS); do \
+		echo "=== $$m: randomize -> .safetensors -> python -m converters -> parity vs timm"; \
+		$(PY) -m converters.parity --model $$m --save-random $(DEMO)/$$m.safetensors --no-compare; \
+		$(PY) -m converters $(DEMO)/$$m.safetensors --model $$m --output $(DEMO)/$${m}_flax; \
+		$(PY) -m converters.parity --model $$m --checkpoint $(DEMO)/$$m.safetensors --flax-params $(DEMO)/$${m}_flax; \
+	done
 
 ## make test: the whole suite, slow cases included (they are marked, never dropped).
 test: $(STAMP)

@@ -8,7 +8,8 @@ It builds the timm model (weights from the checkpoint, or every parameter and bu
 identity), converts its state dict with our torch-free converter, feeds both the same batch and prints the max
 abs/rel error of the logits, the pre-logits and each stage's output. It also feeds every block of our model the exact
 input timm's block received and names the first block whose output diverges, so a mismatch points at a layer instead
-of at "the logits". Exit status 1 when anything is above tolerance: ``max|delta| <= tol * max(1, max|ref|)``.
+of at "the logits". timm's ``features_only`` model, loaded from the same weights, is compared with ours map by map
+(``--out-indices``). Exit status 1 when anything is above tolerance: ``max|delta| <= tol * max(1, max|ref|)``.
 
 Needs the ``torch`` extra (torch, timm).
 """
@@ -444,6 +445,27 @@ def compare_features_only(timm_features: Any, ours: Any, x_nchw: np.ndarray, rep
     return report
 
 
+def compare_features_from_file(model_name: str, path: str | os.PathLike, model: Any, x_nchw: np.ndarray,
+                               report: ParityReport, *, out_indices: int | tuple[int, ...] | None = None,
+                               tol: float = DEFAULT_TOL, **kwargs: Any) -> ParityReport:
+    """timm's ``features_only`` model loaded from ``path`` vs ``model`` (ours, same weights) wrapped likewise.
+
+    ``model`` is pruned in place (it becomes the inner model of a :class:`volo_jax.features.FeatureGetter`), so call
+    this after every other comparison. ``kwargs`` go to ``timm.create_model`` (``img_size``, ``num_classes``).
+    """
+    import timm
+
+    from volo_jax.features import FeatureGetter
+    from volo_jax.registry import get_entry, split_model_name
+
+    entry, _ = get_entry(model_name)
+    ours = FeatureGetter(model, entry.default_out_indices if out_indices is None else out_indices)  # checks indices
+    feat_kw = dict(kwargs) if out_indices is None else dict(kwargs, out_indices=out_indices)
+    timm_features = timm.create_model(split_model_name(model_name)[0], features_only=True, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(path)), **feat_kw).eval()
+    return compare_features_only(timm_features, ours, x_nchw, report, tol=tol)
+
+
 def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, batch: int = 2,
                             formats: tuple[str, ...] = (".safetensors",), seed: int = 1, features: bool = True,
                             out_indices: int | tuple[int, ...] | None = None, per_block: bool = True,
@@ -474,7 +496,6 @@ def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, ba
     from flax import nnx
 
     import volo_jax
-    from volo_jax.features import FeatureGetter
     from volo_jax.registry import get_entry, get_pretrained_cfg
 
     entry, _ = get_entry(model_name)
@@ -510,11 +531,7 @@ def saved_checkpoint_parity(model_name: str, directory: str | os.PathLike, *, ba
         if features:
             ref = None  # one timm copy at a time
             gc.collect()
-            feat_kw = dict(kwargs) if out_indices is None else dict(kwargs, out_indices=out_indices)
-            timm_features = timm.create_model(model_name, features_only=True, pretrained=True,
-                                              pretrained_cfg_overlay=dict(file=str(path)), **feat_kw).eval()
-            ours = FeatureGetter(model, entry.default_out_indices if out_indices is None else out_indices)
-            compare_features_only(timm_features, ours, x, report)
+            compare_features_from_file(model_name, path, model, x, report, out_indices=out_indices, **kwargs)
     finally:
         path.unlink()
     return report
@@ -542,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
                         help="pass when max|delta| <= tol * max(1, max|ref|) for every compared tensor (default 1e-4)")
     parser.add_argument("--no-per-block", action="store_true", help="skip the block-by-block comparison")
+    parser.add_argument("--no-features", action="store_true",
+                        help="skip the features_only comparison (timm's features_only model loaded from the same "
+                             "weights vs ours, every map and feature_info)")
+    parser.add_argument("--out-indices", type=int, nargs="+", default=None, metavar="I",
+                        help="feature maps compared with features_only (indices into feature_info; one value n = "
+                             "the last n); default: each family's timm default")
     parser.add_argument("--save-random", default=None, metavar="FILE",
                         help="also save the (randomized) timm weights to FILE (.safetensors, .pth, .pth.tar, .bin)")
     parser.add_argument("--no-compare", action="store_true",
@@ -589,6 +612,19 @@ def main(argv: list[str] | None = None) -> int:
     x = make_inputs(args.batch_size, getattr(timm_model, "in_chans", 3), size, seed=args.seed)
     report = compare_models(timm_model, jax_model, x, family=family, name=args.model, tol=args.tol,
                             per_block=not args.no_per_block)
+    if not args.no_features:
+        out_indices = None if args.out_indices is None else \
+            (args.out_indices[0] if len(args.out_indices) == 1 else tuple(args.out_indices))
+        kw = {k: v for k, v in dict(img_size=args.img_size, num_classes=args.num_classes).items() if v is not None}
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = args.checkpoint or save_torch_checkpoint(timm_model, Path(tmp) / "weights.safetensors")
+            timm_model = None  # one timm copy at a time
+            try:
+                compare_features_from_file(args.model, weights, jax_model, x, report, out_indices=out_indices,
+                                           tol=args.tol, **kw)
+            except ValueError as e:  # a bad --out-indices
+                print(f"error: {e}", file=sys.stderr)
+                return 2
     print(report.format())
     print(f"({time.perf_counter() - t0:.1f}s, input {tuple(x.shape)} NCHW for timm / NHWC for JAX)")
     return 0 if report.ok else 1

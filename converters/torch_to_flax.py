@@ -55,8 +55,8 @@ _logger = logging.getLogger(__name__)
 # Variable types that a checkpoint provides. Everything else (RNG keys/counts, caches) stays as the model has it.
 CHECKPOINT_VARIABLE_TYPES: tuple[type[nnx.Variable], ...] = (nnx.Param, nnx.BatchStat)
 
-# torch buffers without an NNX counterpart that a checkpoint may legitimately carry.
-_IGNORED_TORCH_SUFFIXES = (".num_batches_tracked",)
+# torch buffers without an NNX counterpart that a checkpoint may legitimately carry (last key component).
+_IGNORED_TORCH_NAMES = ("num_batches_tracked",)
 
 # Below this fraction of expected keys found in the checkpoint we say it is probably for another architecture.
 _ARCH_OVERLAP_THRESHOLD = 0.5
@@ -468,7 +468,7 @@ def convert_with_report(
     for key, value in state_dict.items():
         if _has_prefix(key, ignore_prefixes):
             report.ignored.append(key)
-        elif key.endswith(_IGNORED_TORCH_SUFFIXES) and key not in expected:
+        elif key.rsplit(".", 1)[-1] in _IGNORED_TORCH_NAMES and key not in expected:
             report.skipped.append(key)
         else:
             found[key] = tuple(int(s) for s in np.shape(value))
@@ -488,7 +488,10 @@ def convert_with_report(
             array = resampled
         # Cast to the variable's dtype (bfloat16 via ml_dtypes) and place on device tensor by tensor, so the
         # transposed host copy is freed right away. replace() keeps the target variable's type and metadata.
-        value = jnp.asarray(info.to_flax(array), dtype=info.dtype)
+        # jnp.array(copy=True): on CPU jnp.asarray may alias a numpy buffer zero-copy, and a state dict from
+        # `tensor.numpy()` shares torch's memory, so torch's in-place updates (BatchNorm running stats in a training
+        # forward) would silently change our converted variables.
+        value = jnp.array(info.to_flax(array), dtype=info.dtype, copy=True)
         converted.append((info.path, abstract_vars[info.path].replace(value)))
         report.converted.append(key)
         report.num_params += int(value.size)

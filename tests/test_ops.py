@@ -106,6 +106,28 @@ def test_pool_grads(size, pool, args):
     np.testing.assert_allclose(np.asarray(grad), _nhwc(xt.grad), **TOL)
 
 
+@pytest.mark.parametrize("size", [(2, 2), (2, 3)])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_ceil_mode_pool_of_input_smaller_than_kernel(size, pool):
+    """torch's ceil mode gives one window over a map smaller than the kernel (VoVNet's stage pools at small inputs);
+    without ceil mode the output would be empty and both libraries refuse."""
+    x = _x((2, *size, 3))
+    fn_t, fn_j = (F.avg_pool2d, ops.avg_pool2d) if pool == "avg" else (F.max_pool2d, ops.max_pool2d)
+    ref = fn_t(_nchw(x), 3, 2, 0, ceil_mode=True)
+    out = fn_j(jnp.asarray(x), 3, 2, 0, ceil_mode=True)
+    assert out.shape == _nhwc(ref).shape == (2, 1, 1, 3)
+    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
+    with pytest.raises(RuntimeError):
+        fn_t(_nchw(x), 3, 2, 0, ceil_mode=False)
+    with pytest.raises(ValueError, match="larger than padded input"):
+        fn_j(jnp.asarray(x), 3, 2, 0, ceil_mode=False)
+    tiny = _x((1, 1, 2, 3))  # one row: not even ceil mode gives a window
+    with pytest.raises(RuntimeError):
+        fn_t(_nchw(tiny), 3, 2, 0, ceil_mode=True)
+    with pytest.raises(ValueError, match="larger than padded input"):
+        fn_j(jnp.asarray(tiny), 3, 2, 0, ceil_mode=True)
+
+
 def test_pool_padding_too_large_raises():
     with pytest.raises(ValueError, match="at most half"):
         ops.avg_pool2d(jnp.zeros((1, 7, 7, 1)), 3, 1, 2)

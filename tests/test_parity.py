@@ -63,26 +63,36 @@ def test_volo_parity_other_img_size_and_embeddings(tmp_path):
     assert report.outputs[0].name == "logits"
 
 
-def test_volo_other_num_classes_leaves_head_out(tmp_path, caplog):
-    """A 1000-class checkpoint into a 10-class model: every tensor but the heads converts, and the user is told."""
+@pytest.mark.parametrize("name", ["volo_d1_224", "poolformer_s12", "poolformerv2_s12", "convit_tiny",
+                                  "ese_vovnet19b_dw"])
+def test_other_num_classes_leaves_head_out(name, tmp_path, caplog):
+    """A 1000-class checkpoint into a 10-class model: every tensor but the classifier(s) converts, the user is told,
+    and the embeddings equal those of timm's embedding model (``num_classes=0``) with the same weights."""
+    from converters.torch_to_flax import model_key_map
+
     torch.manual_seed(0)
-    ref = randomize_timm_model(timm.create_model("volo_d1_224"), seed=2)
+    ref = randomize_timm_model(timm.create_model(name), seed=2)
     path = save_torch_checkpoint(ref, tmp_path / "w.safetensors")
     with caplog.at_level("INFO"):
-        model = volo_jax.create_model("volo_d1_224", pretrained=str(path), num_classes=10)
-    assert "head" in caplog.text.lower()
-    assert model.head.kernel.shape == (384, 10)
+        model = volo_jax.create_model(name, pretrained=str(path), num_classes=10)
+    classifiers = model.pretrained_cfg["classifier"]
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    assert any(c in caplog.text for c in classifiers) and "left out" in caplog.text, caplog.text
+    head_keys = [k for k in model_key_map(model) if k.startswith(tuple(c + "." for c in classifiers))]
+    assert head_keys and all(model_key_map(model)[k].torch_shape[0] == 10 for k in head_keys)
     model.eval()
-    ref_emb = timm.create_model("volo_d1_224", num_classes=0)
-    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith(("head.", "aux_head."))}
+    ref_emb = timm.create_model(name, num_classes=0)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith(tuple(c + "." for c in classifiers))}
     ref_emb.load_state_dict(sd, strict=True)
     ref_emb.eval()
-    x = make_inputs(2, 3, 224, seed=1)
+    size = model.pretrained_cfg["input_size"][1]
+    x = make_inputs(2, 3, size, seed=1)
     with torch.no_grad():
         pre_ref = ref_emb(torch.from_numpy(x)).numpy()
     assert pre_ref.std(axis=0).mean() > 0.05
     pre = np.asarray(model.forward_head(model.forward_features(x.transpose(0, 2, 3, 1)), pre_logits=True))
     assert np.abs(pre - pre_ref).max() <= DEFAULT_TOL * max(1.0, np.abs(pre_ref).max())
+    assert np.asarray(model(x.transpose(0, 2, 3, 1))).shape == (2, 10)
 
 
 def test_volo_pos_embed_resampled_like_timm(tmp_path):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype | type | None
@@ -54,11 +55,69 @@ def layer_norm(dim: int, *, eps: float = 1e-5, dtype: Dtype = None, param_dtype:
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` with torch's ``BatchNorm2d`` semantics in training as well as in eval.
+
+    Training (``use_running_average=False``, what ``model.train()`` sets): the input is normalised with the batch mean
+    and the BIASED batch variance over every axis but the feature axis (N, H, W of an NHWC map), both computed in at
+    least float32 with the centred (two-pass) variance; the running statistics are updated with the UNBIASED variance
+    ``var * n / (n - 1)``, as torch does (Flax's own BatchNorm uses the biased one):
+    ``running = momentum * running + (1 - momentum) * batch`` with Flax's ``momentum`` (torch's 0.1 is 0.9 here).
+    Eval (``use_running_average=True``): ``(x - running_mean) / sqrt(running_var + eps) * scale + bias``.
+
+    With ``axis_name`` (under ``jax.shard_map``/``pmap``/``vmap``) the statistics are synchronised across that axis
+    like torch's ``SyncBatchNorm``: the global mean is ``pmean`` of the local means, the global variance ``pmean`` of
+    the local mean squared deviation from that global mean (equal to the full-batch statistics when every shard holds
+    the same number of samples), and ``n`` is the global element count. Masks are not supported.
+    """
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        if mask is not None:
+            raise NotImplementedError("volo_jax BatchNorm does not support masks")
+        use_ra = self.use_running_average if use_running_average is None else use_running_average
+        if use_ra is None:
+            raise ValueError("BatchNorm needs use_running_average: call model.train() or model.eval()")
+        feature_axis = self.axis % x.ndim
+        reduction_axes = tuple(i for i in range(x.ndim) if i != feature_axis)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, mean, var, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias),
+                                                       dtype=self.dtype)
+        out_dtype = x.dtype
+        if not use_ra:
+            xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in at least float32
+            n = float(np.prod([x.shape[i] for i in reduction_axes]))
+            mean = xs.mean(reduction_axes)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name, axis_index_groups=self.axis_index_groups)
+                n = n * jax.lax.psum(1.0, self.axis_name, axis_index_groups=self.axis_index_groups)
+            stat_shape = [1] * x.ndim
+            stat_shape[feature_axis] = x.shape[feature_axis]
+            var = jnp.square(xs - mean.reshape(stat_shape)).mean(reduction_axes)  # biased (centred) variance
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name, axis_index_groups=self.axis_index_groups)
+            unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
+            m = self.momentum
+            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1.0 - m) * mean).astype(self.mean.dtype)
+            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1.0 - m) * unbiased).astype(self.var.dtype)
+        shape = [1] * x.ndim
+        shape[feature_axis] = x.shape[feature_axis]
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            mul = mul * scale
+        y = (x - mean.reshape(shape)) * mul.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
+        return y.astype(out_dtype)
+
+
 def batch_norm(dim: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype: Dtype = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """torch.nn.BatchNorm2d(dim): ``momentum`` in torch terms (0.1 in torch is 0.9 in Flax), torch's eps."""
-    return nnx.BatchNorm(dim, epsilon=eps, momentum=1.0 - momentum, use_fast_variance=False, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+               param_dtype: Dtype = jnp.float32, axis_name: str | None = None, rngs: nnx.Rngs) -> BatchNorm:
+    """torch.nn.BatchNorm2d(dim) on NHWC (:class:`BatchNorm`): ``momentum`` in torch terms (0.1 in torch is 0.9 in
+    Flax), torch's eps; ``axis_name`` synchronises the training statistics across that mapped axis (SyncBatchNorm)."""
+    return BatchNorm(dim, epsilon=eps, momentum=1.0 - momentum, use_fast_variance=False, dtype=dtype,
+                     param_dtype=param_dtype, axis_name=axis_name, rngs=rngs)
 
 
 def dropout(rate: float, rngs: nnx.Rngs | None) -> nnx.Dropout:

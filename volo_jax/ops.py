@@ -43,11 +43,13 @@ def pool_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: 
     if padding > kernel // 2:
         raise ValueError(f"padding ({padding}) should be at most half of kernel size ({kernel}), as in torch")
     span = size + 2 * padding - kernel
-    if span < 0:
-        raise ValueError(f"kernel {kernel} larger than padded input {size} + 2*{padding}")
+    # Python's // floors like torch's div_rtn, so in ceil mode an input smaller than the kernel still gets one window
+    # (torch: a 2x2 map, kernel 3, stride 2 -> 1x1), and without it the output is empty -> the error below.
     out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
+    if out < 1:
+        raise ValueError(f"kernel {kernel} larger than padded input {size} + 2*{padding}")
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from volo_jax.models import convit, poolformer, volo
+from volo_jax.models import convit, poolformer, volo, vovnet
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,12 @@ _REGISTRY: dict[str, ModelEntry] = {
     **_register_family("volo", volo, volo.VOLO),
     **_register_family("poolformer", poolformer, poolformer.MetaFormer),
     **_register_family("convit", convit, convit.ConVit),
+    **_register_family("vovnet", vovnet, vovnet.VovNet),
 }
-_PRETRAINED: dict[str, dict[str, Any]] = {**volo.PRETRAINED, **poolformer.PRETRAINED, **convit.PRETRAINED}
+_PRETRAINED: dict[str, dict[str, Any]] = {**volo.PRETRAINED, **poolformer.PRETRAINED, **convit.PRETRAINED,
+                                    **vovnet.PRETRAINED}
+# timm's ``.untrained`` cfgs (architectures registered without weights): their data config, not listed as pretrained.
+_UNTRAINED: dict[str, dict[str, Any]] = {**vovnet.UNTRAINED}
 
 
 def list_models(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
@@ -94,7 +98,8 @@ def get_pretrained_cfg(model_name: str) -> dict[str, Any]:
     entry, tag = get_entry(model_name)
     if tag is None:
         if not entry.tags:
-            cfg = dict(architecture=entry.name, tag=None, hf_hub_id=None)
+            cfg = dict(_UNTRAINED.get(f"{entry.name}.untrained", {}))
+            cfg.update(architecture=entry.name, tag=None, hf_hub_id=None)
             return cfg
         tag = entry.tags[0]
     cfg = dict(_PRETRAINED[f"{entry.name}.{tag}"])
