@@ -269,25 +269,42 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mix: Mi
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_step(graphdef: nnx.GraphDef, params: Any, model_state: Any, images: jax.Array, labels: jax.Array,
-              mask: jax.Array) -> dict[str, jax.Array]:
-    """Sums over the valid (``mask``) examples of a padded batch: loss, top-1 and top-5 hits, count."""
-    model = nnx.merge(graphdef, params, model_state)
+def eval_step(graphdef: nnx.GraphDef, states: tuple[Any, ...], images: jax.Array, labels: jax.Array,
+              mask: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Eval-mode forward of a padded batch.
+
+    Args:
+        graphdef: the model's static graph.
+        states: the variable states to merge with it (``(state,)`` or ``(params, model_state)``).
+        images, labels: the batch; ``mask`` is False on padding rows.
+
+    Returns:
+        Sums over the valid rows (``loss``, ``top1`` and ``top5`` hits, ``count``) and per-example outputs
+        (``top_idx``, ``top_prob``: the top-5 classes and probabilities, ``loss``).
+    """
+    model = nnx.merge(graphdef, *states)
     model.eval()
-    logits = model(images).astype(jnp.float32)
-    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hit1 = top5[:, 0] == labels
-    hit5 = (top5 == labels[:, None]).any(axis=-1)
-    m = mask.astype(jnp.float32)
-    return {"loss": (loss * m).sum(), "top1": (hit1 * m).sum(), "top5": (hit5 * m).sum(), "count": m.sum()}
+    logits = model(images).astype(jnp.float32)  # (B, num_classes)
+    logp = jax.nn.log_softmax(logits)
+    loss = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    top_logp, top_idx = jax.lax.top_k(logp, min(5, logits.shape[-1]))  # (B, k)
+    hit1 = top_idx[:, 0] == labels
+    hit5 = (top_idx == labels[:, None]).any(axis=-1)
+    sums = {"loss": jnp.where(mask, loss, 0.0).sum(), "top1": (hit1 & mask).sum(), "top5": (hit5 & mask).sum(),
+            "count": mask.sum()}
+    return sums, {"top_idx": top_idx, "top_prob": jnp.exp(top_logp), "loss": loss}
 
 
 # --------------------------------------------------------------------------- sharding
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D ``('data',)`` mesh over every device of every process (or ``devices``)."""
-    devs = np.asarray(devices if devices is not None else jax.devices())
-    return Mesh(devs, ("data",))
+    """A 1-D ``('data',)`` mesh over every device of every process (or over ``devices``).
+
+    Auto axes: ``jax.make_mesh`` defaults to Explicit axes in current JAX, under which a broadcast class token or a
+    scatter into fresh zeros does not trace; the models are written for Auto sharding propagation.
+    """
+    if devices is None:
+        return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return Mesh(np.asarray(devices), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

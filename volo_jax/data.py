@@ -1,0 +1,396 @@
+"""Input pipelines: timm's eval transform in numpy, image-folder and tfds readers, a sharded grain eval loader.
+
+The eval transform reproduces ``timm.data.create_transform(**resolve_data_config({}, model=m), is_training=False)``
+(``timm/data/transforms_factory.py: transforms_imagenet_eval``) operation by operation, without torch:
+
+1. decode with PIL and ``convert('RGB')``, as timm's ``ImageDataset`` does (grayscale is replicated, alpha dropped,
+   palette/CMYK converted by PIL);
+2. resize with PIL (torchvision's PIL backend *is* ``Image.resize``, always antialiased) to the scale size
+   ``floor(img_size / crop_pct)``: ``crop_mode='center'`` resizes the shorter side (torchvision ``Resize(int)``,
+   long side ``int(size * long / short)``) for square targets and uses timm's ``ResizeKeepRatio`` (each side
+   ``round(side / min ratio)``) for non-square ones; ``'squash'`` resizes both sides; ``'border'`` resizes the longer
+   side (``ResizeKeepRatio(longest=1)``) and pads with the mean colour;
+3. center crop with torchvision's rounding (``int(round((h - ch) / 2))``, zero padding when the image is smaller);
+4. ``uint8 -> float32 / 255`` then ``(x - mean) / std`` in float32, the same IEEE operations as ``ToTensor`` +
+   ``Normalize``, so the result is bit-identical to timm's tensor (NHWC instead of CHW).
+
+The folder reader is timm's ``ReaderImageFolder`` (``find_images_and_targets``): ``.png/.jpg/.jpeg`` files found
+recursively, labelled by their leaf folder, classes and files in natural-sort order (for ImageNet's synset folders
+the same order as torchvision's ``ImageFolder``). ``split`` picks ``root/val`` (or another synonym) when present,
+like timm's ``create_dataset``.
+
+The loader gives every process its own slots of each global batch; the last batch is padded with ``mask=False``
+slots, and an image that cannot be decoded becomes a ``mask=False`` slot with ``error`` set, so every image is
+counted exactly once or reported as skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "DataError",
+    "EvalConfig",
+    "ImageFolderSource",
+    "TfdsSource",
+    "eval_batches",
+    "eval_transform",
+    "find_images",
+    "resolve_eval_config",
+    "search_split",
+]
+
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg")  # timm's reader default (timm/data/readers/img_extensions.py)
+_EVAL_SYNONYMS = ("val", "valid", "validation", "eval", "evaluation")  # timm's _EVAL_SYNONYM
+_TRAIN_SYNONYMS = ("train", "training")
+_PIL_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# What a broken image file raises somewhere between open, decode and convert.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+
+
+class DataError(ValueError):
+    """The data cannot be used: empty folder, no class subfolders, unknown tfds dataset, ..."""
+
+
+# --------------------------------------------------------------------------- data config
+@dataclass(frozen=True)
+class EvalConfig:
+    """timm's eval data config: ``input_size`` (C, H, W), interpolation, mean, std, crop_pct, crop_mode."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return int(self.input_size[1]), int(self.input_size[2])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"input_size": tuple(self.input_size), "interpolation": self.interpolation, "mean": tuple(self.mean),
+                "std": tuple(self.std), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
+
+
+def resolve_eval_config(
+    pretrained_cfg: dict[str, Any],
+    *,
+    img_size: int | None = None,
+    input_size: Sequence[int] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_mode: str | None = None,
+    use_test_size: bool = True,
+) -> EvalConfig:
+    """Eval data config from a model's pretrained cfg and overrides, as timm's ``resolve_data_config``.
+
+    ``use_test_size`` (timm's ``validate.py`` default, ``--use-train-size`` turns it off) prefers
+    ``test_input_size`` / ``test_crop_pct`` when the cfg has them: timm's published numbers are measured that way.
+    A one-element ``mean``/``std`` is repeated over the channels.
+    """
+    in_chans = 3
+    if input_size is not None:
+        if len(input_size) != 3:
+            raise DataError(f"input_size must be (C, H, W), got {tuple(input_size)}")
+        size = tuple(int(v) for v in input_size)
+        in_chans = size[0]
+    elif img_size is not None:
+        size = (in_chans, int(img_size), int(img_size))
+    elif use_test_size and pretrained_cfg.get("test_input_size"):
+        size = tuple(pretrained_cfg["test_input_size"])
+    else:
+        size = tuple(pretrained_cfg.get("input_size", (3, 224, 224)))
+    if crop_pct:
+        pct = float(crop_pct)
+    elif use_test_size and pretrained_cfg.get("test_crop_pct"):
+        pct = float(pretrained_cfg["test_crop_pct"])
+    else:
+        pct = float(pretrained_cfg.get("crop_pct") or 0.875)
+
+    def channels(v: Sequence[float] | None, default: Sequence[float], name: str) -> tuple[float, ...]:
+        v = tuple(float(x) for x in (v if v is not None else default))
+        if len(v) == 1:
+            v = v * in_chans
+        if len(v) != in_chans:
+            raise DataError(f"{name} has {len(v)} values for {in_chans} channels")
+        return v
+
+    interp = interpolation or pretrained_cfg.get("interpolation") or "bicubic"
+    if interp not in _PIL_INTERPOLATION:
+        raise DataError(f"unknown interpolation {interp!r}; choose from {', '.join(_PIL_INTERPOLATION)}")
+    mode = crop_mode or pretrained_cfg.get("crop_mode") or "center"
+    if mode not in ("center", "squash", "border"):
+        raise DataError(f"unknown crop_mode {mode!r}; choose from center, squash, border")
+    return EvalConfig(input_size=size, interpolation=interp,
+                      mean=channels(mean, pretrained_cfg.get("mean", EvalConfig.mean), "mean"),
+                      std=channels(std, pretrained_cfg.get("std", EvalConfig.std), "std"),
+                      crop_pct=pct, crop_mode=mode)
+
+
+# --------------------------------------------------------------------------- transform
+def _resize(img: Image.Image, size_hw: tuple[int, int], interpolation: str) -> Image.Image:
+    """torchvision ``F.resize`` on a PIL image: a no-op at the same size, else ``Image.resize`` (antialiased)."""
+    if (img.height, img.width) == tuple(size_hw):
+        return img
+    return img.resize((size_hw[1], size_hw[0]), _PIL_INTERPOLATION[interpolation])
+
+
+def _resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """torchvision ``Resize(int)``: shorter side to ``size``, longer side ``int(size * long / short)``."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return _resize(img, (new_h, new_w), interpolation)
+
+
+def _resize_keep_ratio(img: Image.Image, size_hw: tuple[int, int], interpolation: str,
+                       longest: float) -> Image.Image:
+    """timm's ``ResizeKeepRatio`` without the random parts (``round`` is Python's, half to even, as timm's)."""
+    ratio_h, ratio_w = img.height / size_hw[0], img.width / size_hw[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    return _resize(img, (round(img.height / ratio), round(img.width / ratio)), interpolation)
+
+
+def _center_crop(x: np.ndarray, size_hw: tuple[int, int], fill: Sequence[int] | int = 0) -> np.ndarray:
+    """torchvision ``center_crop`` / timm ``center_crop_or_pad`` on an HWC uint8 array (pad first if too small)."""
+    ch, cw = size_hw
+    h, w = x.shape[:2]
+    if ch > h or cw > w:
+        top, left = max(ch - h, 0) // 2, max(cw - w, 0) // 2
+        bottom, right = max(ch - h + 1, 0) // 2, max(cw - w + 1, 0) // 2
+        padded = np.empty((h + top + bottom, w + left + right, x.shape[2]), x.dtype)
+        padded[...] = np.asarray(fill, dtype=x.dtype)
+        padded[top:top + h, left:left + w] = x
+        x, (h, w) = padded, padded.shape[:2]
+        if (h, w) == (ch, cw):
+            return x
+    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    return x[top:top + ch, left:left + cw]
+
+
+def eval_transform(img: Image.Image, cfg: EvalConfig) -> np.ndarray:
+    """timm's eval transform of one PIL image: float32 ``(H, W, C)`` normalised with ``cfg.mean``/``cfg.std``.
+
+    The image is converted to RGB first (what timm's dataset does before its transform).
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img_size = cfg.img_size
+    scale = tuple(math.floor(s / cfg.crop_pct) for s in img_size)
+    fill: Sequence[int] | int = 0
+    if cfg.crop_mode == "squash":
+        img = _resize(img, scale, cfg.interpolation)
+    elif cfg.crop_mode == "border":
+        img = _resize_keep_ratio(img, scale, cfg.interpolation, longest=1.0)
+        fill = [round(255 * v) for v in cfg.mean]
+    elif scale[0] == scale[1]:
+        img = _resize_shorter(img, scale[0], cfg.interpolation)
+    else:
+        img = _resize_keep_ratio(img, scale, cfg.interpolation, longest=0.0)
+    x = _center_crop(np.asarray(img, dtype=np.uint8), img_size, fill)
+    # ToTensor then Normalize, in float32 like torch: x / 255, then (x - mean) / std.
+    x = x.astype(np.float32) / np.float32(255)
+    return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+
+
+def load_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """Opens and fully decodes an image as timm's ``ImageDataset`` does (``Image.open(...).convert('RGB')``)."""
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    with Image.open(f) as img:
+        return img.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+
+
+# --------------------------------------------------------------------------- sources
+class Source(Protocol):
+    """Random access to labelled images."""
+
+    def __len__(self) -> int: ...
+    def load(self, index: int) -> tuple[Image.Image, int]: ...
+    def name(self, index: int) -> str: ...
+
+
+def _natural_key(s: str) -> list[Any]:
+    """timm's ``natural_key``: digit runs compare as numbers, the rest case-insensitively."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s.lower())]
+
+
+def search_split(root: str | os.PathLike, split: str = "validation") -> Path:
+    """``root/<split>`` or ``root/<synonym>`` (val, valid, validation, ...) when it exists, else ``root`` (timm's)."""
+    root = Path(root)
+    name = split.split("[")[0]
+    if name and (root / name).is_dir():
+        return root / name
+    synonyms = _EVAL_SYNONYMS if name in _EVAL_SYNONYMS else _TRAIN_SYNONYMS if name in _TRAIN_SYNONYMS else ()
+    for s in synonyms:
+        if (root / s).is_dir():
+            return root / s
+    return root
+
+
+def find_images(folder: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS
+                ) -> tuple[list[tuple[str, int]], list[str]]:
+    """timm's ``find_images_and_targets``: ``[(path, class index)]`` in natural order and the class names.
+
+    Raises:
+        DataError: no such folder, no image files, or images lying directly in ``folder`` (no class subfolder:
+            timm would give them a class named ``''`` and shift every label).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such directory")
+    types = {e.lower() for e in extensions}
+    files, labels = [], []
+    for root, _, names in os.walk(folder, topdown=False, followlinks=True):
+        label = os.path.basename(os.path.relpath(root, folder)) if root != str(folder) else ""
+        for f in names:
+            if os.path.splitext(f)[1].lower() in types:
+                files.append(os.path.join(root, f))
+                labels.append(label)
+    expected = f"expected the ImageNet layout {folder}/<class>/<image>{{{','.join(sorted(types))}}}"
+    if not files:
+        raise DataError(f"{folder} holds no image files; {expected}")
+    loose = [f for f, label in zip(files, labels, strict=True) if label == ""]
+    if loose:
+        raise DataError(f"{folder} has {len(loose)} image(s) outside class subfolders (e.g. "
+                        f"{os.path.basename(loose[0])}); {expected}")
+    classes = sorted(set(labels), key=_natural_key)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    samples = sorted(((f, class_to_idx[label]) for f, label in zip(files, labels, strict=True)),
+                     key=lambda s: _natural_key(s[0]))
+    return samples, classes
+
+
+class ImageFolderSource:
+    """An ImageNet-layout folder (``root/val`` found automatically); labels as timm's folder reader."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "validation"):
+        self.root = search_split(root, split)
+        self.samples, self.classes = find_images(self.root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return load_image(path), label
+
+    def name(self, index: int) -> str:
+        return os.path.relpath(self.samples[index][0], self.root)
+
+
+class TfdsSource:
+    """A labelled tfds image dataset read through ``tfds.data_source`` (ArrayRecord random access, no TensorFlow).
+
+    Images are kept as encoded bytes (``SkipDecoding``) and decoded with PIL like the folder reader. The dataset
+    must be prepared in ``array_record`` format, e.g. ``tfds build imagenet2012 --manual_dir DIR
+    --file_format array_record`` (ImageNet cannot be downloaded by tfds; put the tars in the manual dir).
+    """
+
+    def __init__(self, name: str, split: str = "validation", data_dir: str | None = None, *,
+                 image_key: str = "image", label_key: str = "label", download: bool = False):
+        import tensorflow_datasets as tfds
+
+        try:
+            self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
+                                       decoders={image_key: tfds.decode.SkipDecoding()})
+        except Exception as e:  # DatasetNotFoundError, missing split, tfrecord-only preparation, ...
+            raise DataError(f"tfds dataset {name!r} split {split!r} (data_dir={data_dir}) cannot be read: "
+                            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+                            "It must be prepared in array_record format (tfds build NAME --file_format "
+                            "array_record [--manual_dir DIR]).") from e
+        self.name_, self.split, self.image_key, self.label_key = name, split, image_key, label_key
+        if len(self.ds) == 0:
+            raise DataError(f"tfds dataset {name!r} split {split!r} is empty")
+        features = getattr(getattr(self.ds, "dataset_info", None), "features", None)
+        try:
+            self.classes = list(features[label_key].names)
+        except Exception:
+            self.classes = []
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        record = self.ds[index]
+        return load_image(bytes(record[self.image_key])), int(record[self.label_key])
+
+    def name(self, index: int) -> str:
+        return f"{self.name_}/{self.split}[{index}]"
+
+
+# --------------------------------------------------------------------------- loader
+def process_indices(num_examples: int, global_batch: int, process_index: int, process_count: int) -> np.ndarray:
+    """This process's dataset indices, batch after batch, ``-1`` for padding slots.
+
+    Global batch ``k`` holds indices ``k*B .. k*B+B-1``; process ``p`` gets the contiguous block ``p*B/P ..
+    (p+1)*B/P - 1`` of each (the rows its devices hold in a ``('data',)``-sharded global array). The number of
+    batches is ``ceil(N / B)``, the same on every process.
+    """
+    if global_batch % process_count:
+        raise DataError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    local = global_batch // process_count
+    num_batches = max(1, math.ceil(num_examples / global_batch))
+    k = np.arange(num_batches)[:, None] * global_batch + process_index * local + np.arange(local)[None, :]
+    return np.where(k < num_examples, k, -1).reshape(-1)
+
+
+class _LoadExample:
+    """``index -> {'image', 'label', 'mask', 'index', 'error'}``: padding and broken images get ``mask=False``."""
+
+    def __init__(self, source: Source, cfg: EvalConfig):
+        self.source, self.cfg = source, cfg
+        self.blank = np.zeros((*cfg.img_size, cfg.input_size[0]), np.float32)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        out = {"image": self.blank, "label": np.int32(0), "mask": np.bool_(False), "index": np.int64(index),
+               "error": np.str_("")}
+        if index < 0:
+            return out
+        try:
+            img, label = self.source.load(int(index))
+            out.update(image=eval_transform(img, self.cfg), label=np.int32(label), mask=np.bool_(True))
+        except DECODE_ERRORS as e:  # a corrupted or truncated file: skipped and reported, never fatal
+            out["error"] = np.str_(f"{type(e).__name__}: {e}" or type(e).__name__)
+        return out
+
+
+def eval_batches(source: Source, cfg: EvalConfig, global_batch: int, *, process_index: int = 0,
+                 process_count: int = 1, workers: int = 4, limit: int | None = None
+                 ) -> tuple[Iterator[dict[str, np.ndarray]], int]:
+    """Process-local eval batches of ``source`` (grain, ``workers`` decoding threads), and their number.
+
+    Each batch is a dict of numpy arrays of ``global_batch / process_count`` rows: ``image`` (B, H, W, C) float32,
+    ``label`` int32, ``mask`` bool (a real, decoded image), ``index`` int64 (``-1`` = padding), ``error`` str (why
+    an image was skipped). ``limit`` evaluates only the first ``limit`` examples.
+    """
+    import grain
+
+    n = len(source) if limit is None else min(limit, len(source))
+    indices = process_indices(n, global_batch, process_index, process_count)
+    local = global_batch // process_count
+    ds = (grain.MapDataset.source(indices.tolist()).map(_LoadExample(source, cfg))
+          .to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * local))
+          .batch(local, drop_remainder=False))
+    return iter(ds), len(indices) // local
