@@ -109,14 +109,41 @@ def _looks_like_orbax(path: Path) -> bool:
     return any((d / m).exists() for d in dirs for m in markers)
 
 
+def _training_checkpoint(path: Path) -> tuple[Any, int | None]:
+    """(TrainCheckpoints, step) for a run's checkpoint directory (latest step) or one step's subdirectory."""
+    from volo_jax.checkpoint import TrainCheckpoints
+
+    root, step = (path.parent, int(path.name)) if path.name.isdigit() else (path, None)
+    return TrainCheckpoints(root, read_only=True), step
+
+
+def _training_checkpoint_meta(path: Path) -> dict[str, Any]:
+    ckpts, step = _training_checkpoint(path)
+    try:
+        return ckpts.meta(step)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # orbax's own errors on a damaged or foreign directory: say what it was
+        raise ConversionError(f"--checkpoint {path}: not a readable orbax training checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+
+
 def restore_training_checkpoint(model: nnx.Module, path: Path, *, use_ema: bool) -> None:
     """Loads an orbax training checkpoint written by ``train.py`` into ``model`` (EMA weights with ``use_ema``).
 
-    The plug-in point for the training issue: ``train.py`` does not write checkpoints yet, so this refuses.
+    ``path`` is the run's checkpoint directory (its latest complete step is used) or one step's subdirectory.
     """
-    raise ConversionError(f"{path} looks like an orbax training checkpoint; reading those is not implemented yet "
-                          "(train.py does not write them yet). Convert the PyTorch weights with `python -m "
-                          "converters` or pass the PyTorch file instead.")
+    ckpts, step = _training_checkpoint(path)
+    try:
+        meta = ckpts.restore_weights(model, step, use_ema=use_ema)
+    except (ConversionError, FileNotFoundError):
+        raise
+    except Exception as e:
+        raise ConversionError(f"--checkpoint {path}: the training checkpoint does not fit {model.model_name} "
+                              f"({type(e).__name__}: {e})") from e
+    trained = meta.get("model_name")
+    if trained and trained != getattr(model, "model_name", trained):
+        _logger.warning("%s was trained as %r, evaluated as %r", path, trained, model.model_name)
 
 
 def build_model(args: argparse.Namespace, img_size: tuple[int, int] | None, dtype: Any) -> nnx.Module:
@@ -151,6 +178,8 @@ def build_model(args: argparse.Namespace, img_size: tuple[int, int] | None, dtyp
             ckpt_classes = infer_num_classes(state_dict, SimpleNamespace(pretrained_cfg=pretrained_cfg))
         elif is_converted_dir(ckpt):
             ckpt_classes = read_config(ckpt).get("num_classes")
+        else:  # an orbax training checkpoint: its meta item records the class count
+            ckpt_classes = _training_checkpoint_meta(ckpt).get("num_classes")
     elif args.pretrained:
         ckpt_classes = pretrained_cfg.get("num_classes")
     if args.num_classes is not None and ckpt_classes is not None and args.num_classes != ckpt_classes:

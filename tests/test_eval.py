@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -314,7 +315,35 @@ def test_wrong_checkpoint_exits_2(tmp_path, capsys, image_folder, timm_model_fil
     (tmp_path / "orbax" / "100").mkdir(parents=True)
     (tmp_path / "orbax" / "100" / "_CHECKPOINT_METADATA").write_text("{}")
     _expect_exit_2(capsys, [image_folder, "--model", "poolformer_s12", "--checkpoint", tmp_path / "orbax"],
-                   "orbax training checkpoint", "not implemented yet")
+                   "not a readable orbax training checkpoint")
+
+
+def test_orbax_training_checkpoint_evaluates_like_the_same_weights(single_device_run, image_folder,
+                                                                    timm_model_file, tmp_path):
+    """A training checkpoint (TrainCheckpoints, as train.py writes it) holding the weights of the timm file gives the
+    numbers of evaluating that file; --use-ema takes the EMA weights (here: different ones, so the numbers change)."""
+    from flax import nnx
+
+    from volo_jax import train_lib
+    from volo_jax.checkpoint import TrainCheckpoints
+
+    _, results1, _ = single_device_run
+    _, ckpt = timm_model_file
+    model = volo_jax.create_model("poolformer_s12", pretrained=ckpt, num_classes=len(CLASSES))
+    tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(), nnx.state(model, nnx.Param))
+    _, state = train_lib.create_train_state(model, tx, ema=True)
+    state = state.replace(ema_params=jax.tree.map(lambda p: p * 0.5, state.ema_params))
+    run = TrainCheckpoints(tmp_path / "run")
+    run.save(state, {"model_name": "poolformer_s12", "num_classes": len(CLASSES)})
+    run.close()
+    for extra, same in (([], True), (["--use-ema"], False)):
+        proc = _run_eval(image_folder, "--model", "poolformer_s12", "--checkpoint", tmp_path / "run" / "0",
+                         "--results-file", tmp_path / "r.json", "--results-format", "json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        results = json.loads((tmp_path / "r.json").read_text())
+        assert (results["loss"] == pytest.approx(results1["loss"], rel=1e-5)) == same
+        if same:
+            assert (results["top1"], results["top5"]) == (results1["top1"], results1["top5"])
 
 
 def test_unknown_model_exits_2_with_suggestions(image_folder):

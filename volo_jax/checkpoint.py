@@ -314,3 +314,120 @@ def load_params(
         _logger.warning("%s was converted for %r; loading it into %r (all shapes match).",
                         directory, saved_name, wanted)
     nnx.update(model, nnx.from_flat_state(updates))
+
+
+# --------------------------------------------------------------------------- training checkpoints (orbax)
+class TrainCheckpoints:
+    """The training run's checkpoints: an orbax ``CheckpointManager`` over one directory, a step per subdirectory.
+
+    Each step holds the items ``params``, ``model_state`` (BatchNorm statistics, dropout RNG state), ``batch_stats``
+    (the BatchNorm statistics alone), ``opt_state``, ``ema_params`` (when EMA is on), ``progress`` (step and PRNG
+    key) and ``meta`` (JSON: model name, config, data position), so :meth:`restore` resumes exactly and :meth:`restore_weights` reads only the weights (``eval.py``,
+    ``--finetune``). Orbax writes each step into a temporary directory and renames it when complete: a run killed
+    mid-save leaves no step that :meth:`latest_step` would pick up. Saves are asynchronous (the step returns while
+    the arrays are written); every process calls :meth:`save` and orbax has each write its own shards.
+
+    Args:
+        directory: the run's checkpoint directory (created).
+        keep: how many of the newest steps to keep (older ones are deleted).
+        async_save: write in a background thread.
+        read_only: open existing checkpoints without writing or deleting anything.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).expanduser().absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=not read_only, read_only=read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, state: Any, meta: Mapping[str, Any], *, force: bool = True) -> bool:
+        """Starts saving ``state`` (a :class:`volo_jax.train_lib.TrainState`) under its step; returns at once."""
+        args = self._ocp.args
+        items = {"params": args.StandardSave(state.params), "opt_state": args.StandardSave(state.opt_state),
+                 "progress": args.StandardSave({"step": state.step, "key": state.key}),
+                 "meta": args.JsonSave(_jsonable(dict(meta)))}
+        if jax.tree.leaves(state.model_state):  # orbax refuses empty trees (a model without BatchNorm or dropout)
+            items["model_state"] = args.StandardSave(state.model_state)
+        batch_stats = nnx.filter_state(state.model_state, nnx.BatchStat)
+        if jax.tree.leaves(batch_stats):  # also on their own: weights-only readers have no dropout RNG state
+            items["batch_stats"] = args.StandardSave(batch_stats)
+        if state.ema_params is not None:
+            items["ema_params"] = args.StandardSave(state.ema_params)
+        return self._manager.save(int(state.step), args=args.Composite(**items), force=force)
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no complete training checkpoint")
+        return step
+
+    def meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON ``meta`` item of ``step`` (default: the latest)."""
+        args = self._ocp.args
+        return dict(self._manager.restore(self._step(step), args=args.Composite(meta=args.JsonRestore())).meta)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """The full training state of ``step`` (default: the latest) shaped and sharded like ``abstract_state``."""
+        args = self._ocp.args
+        target = jax.tree.map(_abstract, abstract_state)
+        items = {"params": args.StandardRestore(target.params), "opt_state": args.StandardRestore(target.opt_state),
+                 "progress": args.StandardRestore({"step": target.step, "key": target.key}),
+                 "meta": args.JsonRestore()}
+        if jax.tree.leaves(target.model_state):
+            items["model_state"] = args.StandardRestore(target.model_state)
+        if target.ema_params is not None:
+            items["ema_params"] = args.StandardRestore(target.ema_params)
+        r = self._manager.restore(self._step(step), args=args.Composite(**items))
+        state = abstract_state.replace(
+            step=r.progress["step"], key=r.progress["key"], params=r.params, opt_state=r.opt_state,
+            model_state=r.model_state if "model_state" in items else abstract_state.model_state,
+            ema_params=r.ema_params if "ema_params" in items else None)
+        return state, dict(r.meta)
+
+    def restore_weights(self, model: nnx.Module, step: int | None = None, *, use_ema: bool = False) -> dict[str, Any]:
+        """Loads the weights of ``step`` (default: the latest) into ``model`` in place; returns the ``meta`` item.
+
+        ``use_ema`` takes the EMA parameters (an error if the run kept none); BatchNorm statistics are the live ones
+        (the EMA averages parameters only).
+        """
+        args = self._ocp.args
+        step = self._step(step)
+        which = "ema_params" if use_ema else "params"
+        if use_ema and not (self.directory / str(step) / "ema_params").is_dir():  # one subdirectory per item
+            raise ConversionError(f"{self.directory} step {step} has no EMA weights (the run trained without EMA)")
+        params = jax.tree.map(_abstract, nnx.state(model, nnx.Param))
+        items = {which: args.StandardRestore(params), "meta": args.JsonRestore()}
+        batch_stats = nnx.state(model, nnx.BatchStat)
+        if jax.tree.leaves(batch_stats):
+            items["batch_stats"] = args.StandardRestore(jax.tree.map(_abstract, batch_stats))
+        r = self._manager.restore(step, args=args.Composite(**items))
+        nnx.update(model, r[which])
+        if "batch_stats" in items:
+            nnx.update(model, r.batch_stats)
+        return dict(r.meta)
+
+    def wait(self) -> None:
+        """Blocks until the pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _abstract(x: Any) -> Any:
+    """A restore target leaf: shape, dtype and sharding of ``x`` (typed PRNG keys included)."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
