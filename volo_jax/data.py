@@ -1,4 +1,5 @@
-"""Input pipelines: timm's eval transform in numpy, image-folder and tfds readers, a sharded grain eval loader.
+"""Input pipelines: timm's eval transform in numpy, image-folder and tfds readers, a sharded grain eval loader, and
+the training stream (timm's random-resized crop, flip, random erasing; deterministic, resumable, sharded per process).
 
 The eval transform reproduces ``timm.data.create_transform(**resolve_data_config({}, model=m), is_training=False)``
 (``timm/data/transforms_factory.py: transforms_imagenet_eval``) operation by operation, without torch:
@@ -44,8 +45,14 @@ __all__ = [
     "EvalConfig",
     "ImageFolderSource",
     "TfdsSource",
+    "TrainConfig",
+    "crop_resize_flip_normalize",
     "eval_batches",
     "eval_transform",
+    "random_erasing",
+    "random_resized_crop_params",
+    "train_batches",
+    "train_transform",
     "find_images",
     "resolve_eval_config",
     "search_split",
@@ -394,3 +401,137 @@ def eval_batches(source: Source, cfg: EvalConfig, global_batch: int, *, process_
           .to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * local))
           .batch(local, drop_remainder=False))
     return iter(ds), len(indices) // local
+
+
+# --------------------------------------------------------------------------- training pipeline
+@dataclass(frozen=True)
+class TrainConfig:
+    """timm's train transform arguments (``transforms_imagenet_train``) for one model.
+
+    RandAugment (timm's ``--aa rand-m9-mstd0.5-inc1``) is not part of this pipeline yet.
+    """
+
+    img_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: str = "random"  # timm train.py's --train-interpolation default: bilinear or bicubic at random
+    hflip: float = 0.5
+    reprob: float = 0.25  # random erasing probability (timm --reprob), mode 'pixel', one box
+
+
+def random_resized_crop_params(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
+                               ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: ``(top, left, h, w)`` of the crop box.
+
+    Ten tries at an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``; then the whole image
+    center-cropped to the nearest allowed ratio.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, *, min_area: float = 0.02,
+                   max_area: float = 1 / 3, min_aspect: float = 0.3) -> np.ndarray:
+    """timm ``RandomErasing(probability=prob, mode='pixel', max_count=1)`` on a normalised HWC image, in place:
+    one box of random area and aspect filled with per-pixel N(0, 1) noise."""
+    if rng.random() >= prob:
+        return x
+    h_img, w_img, c = x.shape
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    for _ in range(10):
+        target_area = rng.uniform(min_area, max_area) * h_img * w_img
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < w_img and h < h_img:
+            top, left = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
+            x[top:top + h, left:left + w] = rng.standard_normal((h, w, c), dtype=np.float32)
+            break
+    return x
+
+
+def crop_resize_flip_normalize(img: Image.Image, box: tuple[int, int, int, int], size_hw: tuple[int, int],
+                               interpolation: str, flip: bool, mean: Sequence[float], std: Sequence[float]
+                               ) -> np.ndarray:
+    """torchvision ``F.resized_crop(img, top, left, h, w, size)`` (crop, THEN resize: the filter sees only the crop),
+    optional horizontal flip, ``ToTensor`` + ``Normalize`` in float32; HWC."""
+    top, left, h, w = box
+    img = img.crop((left, top, left + w, top + h)).resize((size_hw[1], size_hw[0]), _PIL_INTERPOLATION[interpolation])
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = np.asarray(img, np.uint8).astype(np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def train_transform(img: Image.Image, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random-resized crop, horizontal flip, ``/255``, normalise, random erasing: ``(H, W, 3)`` float32."""
+    box = random_resized_crop_params(rng, img.width, img.height, cfg.scale, cfg.ratio)
+    interp = cfg.interpolation
+    if interp == "random":
+        interp = ("bilinear", "bicubic")[int(rng.integers(2))]
+    x = crop_resize_flip_normalize(img, box, cfg.img_size, interp, bool(rng.random() < cfg.hflip), cfg.mean, cfg.std)
+    return random_erasing(x, rng, cfg.reprob) if cfg.reprob > 0 else x
+
+
+class _TrainExample:
+    """``(index, rng) -> {'image', 'label'}``, or None (dropped by grain) for an image that cannot be decoded; the
+    skipped files are recorded in ``skipped`` (thread-safe: grain decodes in threads)."""
+
+    def __init__(self, source: Source, cfg: TrainConfig):
+        import threading
+
+        self.source, self.cfg = source, cfg
+        self.skipped: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        try:
+            img, label = self.source.load(int(index))
+            return {"image": train_transform(img, self.cfg, rng), "label": np.int32(label)}
+        except DECODE_ERRORS as e:  # a corrupted file must not stop a run: skipped and counted
+            with self._lock:
+                self.skipped[self.source.name(int(index))] = f"{type(e).__name__}: {e}"
+            return None
+
+
+def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: int, process_index: int = 0,
+                  process_count: int = 1, workers: int = 4) -> tuple[Any, _TrainExample]:
+    """An endless, checkpointable iterator of this process's training batches, and its example loader.
+
+    The example order is a permutation of the dataset drawn from ``seed``, a new one every epoch; process ``p`` takes
+    every ``process_count``-th example from ``p`` on, and each batch is ``global_batch / process_count`` of them.
+    Augmentation randomness is derived from ``seed`` and the example's position in the stream, so the stream does
+    not depend on the number of decoding threads, and ``iterator.get_state()`` / ``set_state()`` (grain) resume it
+    exactly. Undecodable images are dropped (``loader.skipped`` names them); batches stay full.
+    """
+    import grain
+
+    if global_batch % process_count:
+        raise DataError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    if len(source) < global_batch:
+        raise DataError(f"{len(source)} training images, fewer than one global batch of {global_batch}")
+    local = global_batch // process_count
+    loader = _TrainExample(source, cfg)
+    ds = (grain.MapDataset.source(list(range(len(source)))).shuffle(seed=seed).repeat()
+          .slice(slice(process_index, None, process_count))
+          .random_map(loader, seed=seed)
+          .to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * local))
+          .batch(local, drop_remainder=True))
+    return iter(ds), loader
