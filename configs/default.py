@@ -1,0 +1,47 @@
+"""Defaults of every train.py setting (ml_collections); recipes override what they change.
+
+    python train.py /path/to/imagenet --config configs/default.py --model volo_d1_224
+
+Every field is also a train.py flag (``--lr``, ``--drop-path``, ...); a flag given on the command line wins over the
+config file.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "volo_d1_224"
+    c.num_classes = 0  # 0: the number of class folders of the training data
+    c.img_size = 0  # 0: the model's default input size
+    c.drop_path = 0.0
+    c.dtype = "float32"  # compute dtype; parameters stay float32
+    # optimisation (timm train.py names)
+    c.epochs = 300
+    c.batch_size = 128  # PER DEVICE, as in the VOLO repo; the global batch is batch_size * devices
+    c.lr = 1.6e-3
+    c.min_lr = 1e-5
+    c.warmup_lr = 1e-6
+    c.warmup_epochs = 5.0
+    c.weight_decay = 0.05
+    c.clip_grad = 0.0  # 0: no clipping
+    c.accum_steps = 1
+    c.model_ema_decay = 0.0  # 0: no EMA; VOLO's recipes do not use it, timm's often 0.9998
+    # regularisation
+    c.smoothing = 0.1
+    c.mixup = 0.8
+    c.cutmix = 1.0
+    c.mixup_prob = 1.0
+    c.mixup_switch_prob = 0.5
+    c.reprob = 0.25
+    c.train_interpolation = "random"
+    # run
+    c.seed = 42
+    c.workers = 4
+    c.output = "output/train"
+    c.save_every = 1000  # steps; also at every epoch end and at the end
+    c.keep = 3
+    c.eval_every = 1  # epochs
+    c.log_every = 10  # steps
+    c.finetune = ""  # a converted/trained checkpoint to start from (new head / resampled pos_embed as needed)
+    return c

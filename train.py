@@ -1,0 +1,358 @@
+"""Data-parallel training of any registered model on an ImageNet-layout folder, with exact resume.
+
+    python train.py /path/to/imagenet --model volo_d1_224 --img-size 224 -b 128 --lr 1.6e-3 --drop-path 0.1 --epochs 310
+    python train.py /path/to/imagenet --config configs/volo_d1_224.py --output runs/d1
+    python train.py /path/to/digits --model volo_d1_224 --img-size 32 -b 32 --epochs 10 --finetune converted_dir/
+
+This is pmap-style data parallelism (parameters replicated on every device, the batch split across devices,
+gradients all-reduced, BatchNorm statistics over the global batch) written as one ``jax.jit`` program over a
+``('data',)`` mesh of every device of every process, because ``jax.pmap`` is documented as legacy and is itself
+implemented on ``shard_map`` now (see :mod:`volo_jax.train_lib`). ``-b`` is per device, as in the VOLO repo; the
+global batch is printed. Several processes (TPU pods, multi-GPU hosts): ``jax.distributed.initialize()`` runs
+first (auto-detected on TPU/SLURM, or ``--coordinator/--num-processes/--process-id``); each process reads its own
+share of every batch and all of them write their shards of the checkpoints.
+
+A run writes to ``--output``: ``checkpoints/`` (orbax, every ``--save-every`` steps, each epoch end and at the end;
+the last ``--keep`` kept; an interrupted run restarts from the latest complete one with the same data position),
+``metrics.jsonl``, TensorBoard events in ``tb/``, ``curves.png`` at the end, and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import volo_jax
+from volo_jax import data, train_lib
+from volo_jax.checkpoint import TrainCheckpoints
+
+_logger = logging.getLogger("train")
+
+
+# --------------------------------------------------------------------------- configuration
+def load_config(path: str | None) -> Any:
+    """``get_config()`` of an ml_collections python file (default: ``configs/default.py``)."""
+    path = path or str(Path(__file__).parent / "configs" / "default.py")
+    sys.path.insert(0, str(Path(__file__).parent))  # recipes import configs.default
+    spec = importlib.util.spec_from_file_location("train_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"--config {path}: no such python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# flag -> (config field, type, help). Flags default to None so that only those given override the config file.
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model": ("model", str, "timm model name (volo_d1_224; the VOLO repo's volo_d1 also works with --img-size)"),
+    "--num-classes": ("num_classes", int, "classes (0: the number of class folders)"),
+    "--img-size": ("img_size", int, "input resolution (0: the model's default)"),
+    "--drop-path": ("drop_path", float, "stochastic depth rate"),
+    "--dtype": ("dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
+    "--epochs": ("epochs", int, "epochs to train"),
+    "-b": ("batch_size", int, "batch size PER DEVICE (VOLO repo semantics); the global batch is printed"),
+    "--lr": ("lr", float, "peak learning rate (AdamW)"),
+    "--min-lr": ("min_lr", float, "cosine floor"),
+    "--warmup-lr": ("warmup_lr", float, "learning rate at step 0 of the warmup"),
+    "--warmup-epochs": ("warmup_epochs", float, "linear warmup length in epochs (stepped per update)"),
+    "--weight-decay": ("weight_decay", float, "decoupled weight decay (not on norms, biases, pos_embed, cls_token)"),
+    "--clip-grad": ("clip_grad", float, "global-norm gradient clipping (0: off)"),
+    "--accum-steps": ("accum_steps", int, "gradient accumulation: micro-batches per optimizer update"),
+    "--model-ema-decay": ("model_ema_decay", float, "EMA of the weights, evaluated alongside (0: off)"),
+    "--smoothing": ("smoothing", float, "label smoothing"),
+    "--mixup": ("mixup", float, "mixup alpha (0: off)"),
+    "--cutmix": ("cutmix", float, "cutmix alpha (0: off)"),
+    "--mixup-prob": ("mixup_prob", float, "probability of mixing a batch"),
+    "--mixup-switch-prob": ("mixup_switch_prob", float, "probability of cutmix instead of mixup when both are on"),
+    "--reprob": ("reprob", float, "random erasing probability"),
+    "--train-interpolation": ("train_interpolation", str, "random-resized-crop interpolation (random, bicubic, "
+                                                          "bilinear)"),
+    "--seed": ("seed", int, "seed of initialisation, data order, augmentation and mixing"),
+    "--workers": ("workers", int, "image decoding threads per process (-j)"),
+    "--output": ("output", str, "run directory (checkpoints, metrics, TensorBoard, curves.png)"),
+    "--save-every": ("save_every", int, "checkpoint every N steps (and at each epoch end)"),
+    "--keep": ("keep", int, "checkpoints to keep"),
+    "--eval-every": ("eval_every", int, "evaluate every N epochs (and at the end)"),
+    "--log-every": ("log_every", int, "log metrics every N steps"),
+    "--finetune": ("finetune", str, "start from this checkpoint (PyTorch file, converted dir or training run), "
+                                    "resampling pos_embed / dropping a head of another size"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Data-parallel (pmap-style, on jit + a device mesh) training with exact resume. Settings come "
+                    "from --config (default configs/default.py); any flag below overrides its field.")
+    p.add_argument("data", help="ImageNet-layout folder: train/<class>/* and val/<class>/* (or validation/)")
+    p.add_argument("--config", default=None, help="ml_collections python file with get_config()")
+    for flag, (field, typ, help_) in FLAGS.items():
+        names = [flag, "--batch-size"] if flag == "-b" else ([flag, "-j"] if flag == "--workers" else [flag])
+        p.add_argument(*names, dest=field, type=typ, default=None, help=help_)
+    p.add_argument("--no-resume", action="store_true", help="start over even if --output has checkpoints")
+    p.add_argument("--coordinator", default=None, help="multi-process: coordinator address host:port")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's id")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding: Any) -> tuple[jax.Array, jax.Array]:
+    """Process-local rows -> one global array per field, split along the mesh's data axis."""
+    make = jax.make_array_from_process_local_data
+    return make(sharding, local["image"]), make(sharding, local["label"])
+
+
+def evaluate(graphdef: Any, states: tuple[Any, ...], source: Any, cfg: data.EvalConfig, global_batch: int,
+             mesh: Any, workers: int) -> dict[str, float]:
+    """top-1 / top-5 / loss of a model over the whole eval source (padded last batch masked out)."""
+    rep, shard = train_lib.replicated(mesh), train_lib.batch_sharded(mesh)
+    step = _eval_fn(graphdef, rep, shard)
+    batches, _ = data.eval_batches(source, cfg, global_batch, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), workers=workers)
+    totals = None
+    for b in batches:
+        make = jax.make_array_from_process_local_data
+        sums, _ = step(states, make(shard, b["image"]), make(shard, b["label"]), make(shard, b["mask"]))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    n = max(float(totals["count"]), 1.0)
+    return {"top1": 100.0 * float(totals["top1"]) / n, "top5": 100.0 * float(totals["top5"]) / n,
+            "loss": float(totals["loss"]) / n, "count": int(totals["count"])}
+
+
+_EVAL_FNS: dict[int, Any] = {}
+
+
+def _eval_fn(graphdef: Any, rep: Any, shard: Any) -> Any:
+    key = id(graphdef)
+    if key not in _EVAL_FNS:
+        _EVAL_FNS[key] = jax.jit(lambda states, x, y, m: train_lib.eval_step(graphdef, states, x, y, m),
+                                 in_shardings=(rep, shard, shard, shard), out_shardings=(rep, shard))
+    return _EVAL_FNS[key]
+
+
+class Writers:
+    """metrics.jsonl (atomic per line), TensorBoard events; only process 0 writes."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled, self.out = enabled, out
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:  # pragma: no cover - optional
+                _logger.warning("tensorboardX not installed: no TensorBoard events (pip install tensorboardX)")
+
+    def write(self, step: int, kind: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(out: Path) -> Path | None:
+    """Loss and accuracy curves from metrics.jsonl as curves.png (written atomically)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - optional
+        return None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax1.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
+    ax1.set_xlabel("step")
+    ax1.legend()
+    for key in ("top1", "ema_top1"):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), "o-", label=key)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.legend()
+    fig.tight_layout()
+    tmp = out / ".curves.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "curves.png")
+    return out / "curves.png"
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+    if args.coordinator or args.num_processes:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
+        jax.distributed.initialize()  # pod / SLURM auto-detection
+    cfg = load_config(args.config)
+    for field, value in vars(args).items():  # flags given on the command line win over the config file
+        if field in cfg and value is not None:
+            cfg[field] = value
+    out = Path(cfg.output)
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+
+    # 1. data and model
+    try:
+        train_source = data.ImageFolderSource(args.data, split="train")
+        val_source = data.ImageFolderSource(args.data, split="validation")
+    except (data.DataError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if train_source.root == val_source.root:
+        print(f"error: {args.data} needs separate train/ and val/ (or validation/) subfolders", file=sys.stderr)
+        return 2
+    num_classes = cfg.num_classes or len(train_source.classes)
+    mesh = train_lib.data_mesh()
+    n_dev = mesh.devices.size
+    global_batch = train_lib.global_batch_size(cfg.batch_size, mesh)
+    steps_per_epoch = len(train_source) // global_batch
+    if steps_per_epoch == 0:
+        print(f"error: {len(train_source)} training images < one global batch ({global_batch})", file=sys.stderr)
+        return 2
+    total_steps = int(cfg.epochs * steps_per_epoch)
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    kw: dict[str, Any] = dict(num_classes=num_classes, drop_path_rate=cfg.drop_path, dtype=dtype, rngs=cfg.seed)
+    if cfg.img_size:
+        kw["img_size"] = cfg.img_size
+    try:
+        model = volo_jax.create_model(cfg.model, **kw)
+        if cfg.finetune:
+            ft = Path(cfg.finetune)
+            if ft.is_dir() and not (ft / "config.json").exists() and not list(ft.glob("*.safetensors")):
+                TrainCheckpoints(ft.parent if ft.name.isdigit() else ft, read_only=True).restore_weights(
+                    model, int(ft.name) if ft.name.isdigit() else None)
+            else:
+                from volo_jax.hub import load_pretrained
+
+                load_pretrained(model, ft, model_name=cfg.model)
+    except Exception as e:  # unknown model, bad checkpoint: the message is the point
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    size = model.pretrained_cfg["input_size"][1:]
+    data_cfg = model.pretrained_cfg
+    train_cfg = data.TrainConfig(img_size=tuple(size), mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
+                                 interpolation=cfg.train_interpolation, reprob=cfg.reprob)
+    eval_cfg = data.resolve_eval_config(data_cfg, input_size=(3, *size))
+
+    # 2. optimizer, state, checkpoints
+    opt_cfg = train_lib.OptimizerConfig(
+        lr=cfg.lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+        warmup_steps=int(cfg.warmup_epochs * steps_per_epoch) // cfg.accum_steps,
+        total_steps=max(total_steps // cfg.accum_steps, 1), weight_decay=cfg.weight_decay,
+        clip_grad=cfg.clip_grad or None, accum_steps=cfg.accum_steps)
+    tx, schedule = train_lib.make_optimizer(opt_cfg, nnx.state(model, nnx.Param))
+    graphdef, state = train_lib.create_train_state(model, tx, seed=cfg.seed, ema=cfg.model_ema_decay > 0)
+    del model
+    ckpts = TrainCheckpoints(out / "checkpoints", keep=cfg.keep)
+    data_state = None
+    if not args.no_resume and ckpts.latest_step() is not None:
+        state, meta = ckpts.restore(state)
+        data_state = meta.get("data_state")
+        _logger.info("Resumed from %s step %d.", ckpts.directory, int(state.step))
+    state = jax.device_put(state, train_lib.replicated(mesh))
+    mix = train_lib.MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                              switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                              num_classes=num_classes)
+    step_fn = train_lib.jit_train_step(graphdef, tx, mix, cfg.model_ema_decay, mesh)
+    train_it, loader = data.train_batches(train_source, train_cfg, global_batch, seed=cfg.seed,
+                                          process_index=jax.process_index(), process_count=jax.process_count(),
+                                          workers=cfg.workers)
+    if data_state is not None:
+        train_it.set_state(data_state)
+    writers = Writers(out, _is_main())
+    if _is_main():
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        print(f"{cfg.model}: {len(train_source)} train / {len(val_source)} val images, {num_classes} classes; "
+              f"{n_dev} device(s) x {cfg.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps; output {out}")
+
+    def meta() -> dict[str, Any]:
+        return {"model_name": cfg.model, "num_classes": num_classes, "img_size": list(size),
+                "data_state": train_it.get_state(), "config": cfg.to_dict()}
+
+    # 3. the loop
+    from tqdm import tqdm
+
+    start = int(state.step)
+    last = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    bar = tqdm(range(start, last), initial=start, total=last, disable=not _is_main(), dynamic_ncols=True)
+    shard = train_lib.batch_sharded(mesh)
+    t0, seen = time.perf_counter(), 0
+    for step in bar:
+        x, y = _global_batch(next(train_it), shard)
+        state, metrics = step_fn(state, x, y)
+        seen += global_batch
+        done = step + 1
+        if done % cfg.log_every == 0 or done == last:
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                print(f"error: loss is {loss} at step {done}; stopping (last checkpoint kept)", file=sys.stderr)
+                ckpts.close()
+                return 1
+            rate = seen / (time.perf_counter() - t0)
+            lr = float(schedule(done // cfg.accum_steps))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            writers.write(done, "train", {"loss": loss, "lr": lr, "img_s": rate,
+                                          "grad_norm": float(metrics["grad_norm"])})
+        epoch_end = done % steps_per_epoch == 0
+        if done % cfg.save_every == 0 or epoch_end or done == last:
+            ckpts.save(state, meta())
+        if (epoch_end and (done // steps_per_epoch) % cfg.eval_every == 0) or done == last:
+            results = evaluate(graphdef, (state.params, state.model_state), val_source, eval_cfg, global_batch,
+                               mesh, cfg.workers)
+            if state.ema_params is not None:
+                ema = evaluate(graphdef, (state.ema_params, state.model_state), val_source, eval_cfg, global_batch,
+                               mesh, cfg.workers)
+                results.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+            writers.write(done, "eval", results)
+            if _is_main():
+                tqdm.write(f"step {done} (epoch {done / steps_per_epoch:.2f}): eval top-1 {results['top1']:.2f} "
+                           f"top-5 {results['top5']:.2f} loss {results['loss']:.4f}"
+                           + (f" | EMA top-1 {results['ema_top1']:.2f}" if "ema_top1" in results else ""))
+    ckpts.close()
+    writers.close()
+    if loader.skipped and _is_main():
+        print(f"Skipped {len(loader.skipped)} unreadable training image(s): {', '.join(sorted(loader.skipped))}")
+    if _is_main() and (out / "metrics.jsonl").exists():
+        png = plot_curves(out)
+        print(f"done: {last} steps; checkpoints in {ckpts.directory}" + (f"; curves {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

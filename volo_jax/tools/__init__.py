@@ -1,0 +1,1 @@
+"""Command-line tools: ``python -m volo_jax.tools.<name> --help``."""
