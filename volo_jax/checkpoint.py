@@ -322,10 +322,11 @@ class TrainCheckpoints:
 
     Each step holds the items ``params``, ``model_state`` (BatchNorm statistics, dropout RNG state), ``batch_stats``
     (the BatchNorm statistics alone), ``opt_state``, ``ema_params`` (when EMA is on), ``progress`` (step and PRNG
-    key) and ``meta`` (JSON: model name, config, data position), so :meth:`restore` resumes exactly and :meth:`restore_weights` reads only the weights (``eval.py``,
-    ``--finetune``). Orbax writes each step into a temporary directory and renames it when complete: a run killed
-    mid-save leaves no step that :meth:`latest_step` would pick up. Saves are asynchronous (the step returns while
-    the arrays are written); every process calls :meth:`save` and orbax has each write its own shards.
+    key) and ``meta`` (JSON: model name, config, data position), so :meth:`restore` resumes exactly and
+    :meth:`restore_weights` reads only the weights (``eval.py``, ``--finetune``). Orbax writes each step into a
+    temporary directory and renames it when complete: a run killed mid-save leaves no step that
+    :meth:`latest_step` would pick up. Saves are asynchronous (the step returns while the arrays are written); every
+    process calls :meth:`save` and orbax has each write its own shards.
 
     Args:
         directory: the run's checkpoint directory (created).
