@@ -272,7 +272,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8
 
     def run(name, devices, tx_fn, steps):
-        model = volo_jax.create_model(name, num_classes=10, drop_path_rate=0.1, rngs=0)
+        kw = dict(img_size=32) if name.startswith("volo") else {}
+        model = volo_jax.create_model(name, num_classes=10, drop_path_rate=0.1, rngs=0, **kw)
         tx = tx_fn(nnx.state(model, nnx.Param))
         graphdef, state = train_lib.create_train_state(model, tx, seed=0, ema=True)
         mesh = train_lib.data_mesh(devices)
@@ -303,6 +304,14 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     assert np.allclose(l1, l8, rtol=1e-5, atol=0), (l1, l8)
     assert worst((s1.params, s1.ema_params), (s8.params, s8.ema_params)) < 1e-5
 
+    # VOLO (BatchNorm in its stem, no max pooling): one step, every parameter, EMA and BatchNorm statistic.
+    l1, s1 = run("volo_d1_224", jax.devices()[:1], adamw, 1)
+    l8, s8 = run("volo_d1_224", jax.devices(), adamw, 1)
+    print("volo loss", l1, l8, "worst param/EMA/BatchNorm diff",
+          worst((s1.params, s1.ema_params, s1.model_state), (s8.params, s8.ema_params, s8.model_state)))
+    assert np.allclose(l1, l8, rtol=1e-5, atol=0), (l1, l8)
+    assert worst((s1.params, s1.ema_params, s1.model_state), (s8.params, s8.ema_params, s8.model_state)) < 1e-5
+
     # VoVNet, one step: BatchNorm statistics over the global batch (synchronised) equal the 1-device ones. Only the
     # forward quantities are compared: max pooling's arg-max can flip between near-equal activations when the
     # summation order changes, which moves gradient entries (see test_gradients_and_batch_statistics_match_timm).
@@ -318,7 +327,8 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_train_step_same_on_1_and_8_devices():
     """Data parallelism changes nothing but speed: mixup/cutmix, drop path, AdamW and EMA give the same parameters
-    on a 1-device and an 8-device mesh, and BatchNorm statistics are those of the global batch."""
+    on a 1-device and an 8-device mesh (PoolFormer, 3 steps; VOLO with its BatchNorm stem, 1 step), and BatchNorm
+    statistics are those of the global batch (VOLO, VoVNet)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
