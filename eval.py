@@ -17,9 +17,7 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +33,7 @@ import volo_jax
 from converters.readers import SUPPORTED_EXTENSIONS, read_checkpoint
 from converters.torch_to_flax import ConversionError
 from volo_jax import data, train_lib
-from volo_jax.checkpoint import is_converted_dir, read_config
+from volo_jax.checkpoint import TrainCheckpoints, is_converted_dir, read_config, write_atomic
 from volo_jax.hub import (
     HF_SAFE_WEIGHTS_NAME,
     HF_WEIGHTS_NAME,
@@ -109,16 +107,8 @@ def _looks_like_orbax(path: Path) -> bool:
     return any((d / m).exists() for d in dirs for m in markers)
 
 
-def _training_checkpoint(path: Path) -> tuple[Any, int | None]:
-    """(TrainCheckpoints, step) for a run's checkpoint directory (latest step) or one step's subdirectory."""
-    from volo_jax.checkpoint import TrainCheckpoints
-
-    root, step = (path.parent, int(path.name)) if path.name.isdigit() else (path, None)
-    return TrainCheckpoints(root, read_only=True), step
-
-
 def _training_checkpoint_meta(path: Path) -> dict[str, Any]:
-    ckpts, step = _training_checkpoint(path)
+    ckpts, step = TrainCheckpoints.open_run(path)
     try:
         return ckpts.meta(step)
     except FileNotFoundError:
@@ -133,7 +123,7 @@ def restore_training_checkpoint(model: nnx.Module, path: Path, *, use_ema: bool)
 
     ``path`` is the run's checkpoint directory (its latest complete step is used) or one step's subdirectory.
     """
-    ckpts, step = _training_checkpoint(path)
+    ckpts, step = TrainCheckpoints.open_run(path)
     try:
         meta = ckpts.restore_weights(model, step, use_ema=use_ema)
     except (ConversionError, FileNotFoundError):
@@ -216,20 +206,6 @@ def _gather(x: np.ndarray) -> np.ndarray:
     padded = np.concatenate([x, np.full(n - len(x), -1, x.dtype)])
     out = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
     return out[out >= 0]
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to a temp file next to ``path`` and renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

@@ -37,7 +37,7 @@ from flax import nnx
 
 import volo_jax
 from volo_jax import data, train_lib
-from volo_jax.checkpoint import TrainCheckpoints
+from volo_jax.checkpoint import TrainCheckpoints, write_atomic
 
 _logger = logging.getLogger("train")
 
@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.finetune:
             ft = Path(cfg.finetune)
             if ft.is_dir() and not (ft / "config.json").exists() and not list(ft.glob("*.safetensors")):
-                TrainCheckpoints(ft.parent if ft.name.isdigit() else ft, read_only=True).restore_weights(
-                    model, int(ft.name) if ft.name.isdigit() else None)
+                run, step = TrainCheckpoints.open_run(ft)
+                run.restore_weights(model, step)
             else:
                 from volo_jax.hub import load_pretrained
 
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         train_it.set_state(data_state)
     writers = Writers(out, _is_main())
     if _is_main():
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
         print(f"{cfg.model}: {len(train_source)} train / {len(val_source)} val images, {num_classes} classes; "
               f"{n_dev} device(s) x {cfg.batch_size} = global batch {global_batch}; {steps_per_epoch} steps/epoch, "
               f"{total_steps} steps; output {out}")

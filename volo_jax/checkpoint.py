@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,20 @@ def load_params(
     nnx.update(model, nnx.from_flat_state(updates))
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to a temp file next to ``path`` and renames it into place (no half-written file on a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 # --------------------------------------------------------------------------- training checkpoints (orbax)
 class TrainCheckpoints:
     """The training run's checkpoints: an orbax ``CheckpointManager`` over one directory, a step per subdirectory.
@@ -344,6 +359,14 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    @classmethod
+    def open_run(cls, path: str | os.PathLike) -> tuple[TrainCheckpoints, int | None]:
+        """Read-only checkpoints of a run directory (step None: the latest) or of one step's subdirectory."""
+        path = Path(path)
+        if path.name.isdigit():
+            return cls(path.parent, read_only=True), int(path.name)
+        return cls(path, read_only=True), None
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
