@@ -1,5 +1,6 @@
 """Input pipelines: timm's eval transform in numpy, image-folder and tfds readers, a sharded grain eval loader, and
-the training stream (timm's random-resized crop, flip, random erasing; deterministic, resumable, sharded per process).
+the training stream (timm's random-resized crop, flip, RandAugment, random erasing; deterministic, resumable, sharded
+per process).
 
 The eval transform reproduces ``timm.data.create_transform(**resolve_data_config({}, model=m), is_training=False)``
 (``timm/data/transforms_factory.py: transforms_imagenet_eval``) operation by operation, without torch:
@@ -27,6 +28,7 @@ counted exactly once or reported as skipped.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -39,6 +41,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from volo_jax import auto_augment as _aa
+
 __all__ = [
     "IMG_EXTENSIONS",
     "DataError",
@@ -46,7 +50,9 @@ __all__ = [
     "ImageFolderSource",
     "TfdsSource",
     "TrainConfig",
+    "crop_resize_flip",
     "crop_resize_flip_normalize",
+    "normalize",
     "eval_batches",
     "eval_transform",
     "random_erasing",
@@ -408,7 +414,10 @@ def eval_batches(source: Source, cfg: EvalConfig, global_batch: int, *, process_
 class TrainConfig:
     """timm's train transform arguments (``transforms_imagenet_train``) for one model.
 
-    RandAugment (timm's ``--aa rand-m9-mstd0.5-inc1``) is not part of this pipeline yet.
+    ``auto_augment`` is timm's ``--aa`` RandAugment string (e.g. ``'rand-m9-mstd0.5-inc1'``, VOLO's recipe; see
+    :func:`volo_jax.auto_augment.rand_augment_transform`), None for none. It is parsed here, so a bad string fails
+    when the config is built (``DataError``), not inside a decoding thread. timm's colour jitter (``--color-jitter
+    0.4``, which timm switches off when AA is on, except for ``3a`` op sets) is not part of this pipeline.
     """
 
     img_size: tuple[int, int]
@@ -419,6 +428,32 @@ class TrainConfig:
     interpolation: str = "random"  # timm train.py's --train-interpolation default: bilinear or bicubic at random
     hflip: float = 0.5
     reprob: float = 0.25  # random erasing probability (timm --reprob), mode 'pixel', one box
+    auto_augment: str | None = None  # timm --aa; only RandAugment ('rand-...') strings
+
+    def __post_init__(self):
+        if self.auto_augment is not None:
+            _rand_augment(self)
+
+    @property
+    def rand_augment(self) -> _aa.RandAugment | None:
+        """The parsed ``auto_augment`` with timm's train hparams (built once per config)."""
+        return None if self.auto_augment is None else _rand_augment(self)
+
+
+@functools.lru_cache(maxsize=32)
+def _rand_augment_cached(config_str: str, img_size: tuple[int, ...], mean: tuple[float, ...], interpolation: str
+                         ) -> _aa.RandAugment:
+    return _aa.rand_augment_transform(config_str, _aa.train_hparams(img_size, mean, interpolation))
+
+
+def _rand_augment(cfg: TrainConfig) -> _aa.RandAugment:
+    """timm's ``transforms_imagenet_train`` aa hparams: translate_const from the smaller side, the mean as fill,
+    the train interpolation unless 'random' (then each geometric op picks bilinear/bicubic itself)."""
+    try:
+        return _rand_augment_cached(cfg.auto_augment, tuple(int(v) for v in cfg.img_size),
+                                    tuple(float(v) for v in cfg.mean), cfg.interpolation)
+    except _aa.AugmentConfigError as e:
+        raise DataError(f"auto_augment: {e}") from None
 
 
 def random_resized_crop_params(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
@@ -467,26 +502,45 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, *, min_
     return x
 
 
-def crop_resize_flip_normalize(img: Image.Image, box: tuple[int, int, int, int], size_hw: tuple[int, int],
-                               interpolation: str, flip: bool, mean: Sequence[float], std: Sequence[float]
-                               ) -> np.ndarray:
+def crop_resize_flip(img: Image.Image, box: tuple[int, int, int, int], size_hw: tuple[int, int], interpolation: str,
+                     flip: bool) -> Image.Image:
     """torchvision ``F.resized_crop(img, top, left, h, w, size)`` (crop, THEN resize: the filter sees only the crop),
-    optional horizontal flip, ``ToTensor`` + ``Normalize`` in float32; HWC."""
+    then an optional horizontal flip; still a PIL image, for RandAugment."""
     top, left, h, w = box
     img = img.crop((left, top, left + w, top + h)).resize((size_hw[1], size_hw[0]), _PIL_INTERPOLATION[interpolation])
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
+
+
+def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``ToTensor`` + ``Normalize`` in float32 (``x / 255``, then ``(x - mean) / std``, torch's operations); HWC."""
     x = np.asarray(img, np.uint8).astype(np.float32) / np.float32(255.0)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def crop_resize_flip_normalize(img: Image.Image, box: tuple[int, int, int, int], size_hw: tuple[int, int],
+                               interpolation: str, flip: bool, mean: Sequence[float], std: Sequence[float]
+                               ) -> np.ndarray:
+    """:func:`crop_resize_flip` then :func:`normalize`: float32 HWC."""
+    return normalize(crop_resize_flip(img, box, size_hw, interpolation, flip), mean, std)
+
+
 def train_transform(img: Image.Image, cfg: TrainConfig, rng: np.random.Generator) -> np.ndarray:
-    """Random-resized crop, horizontal flip, ``/255``, normalise, random erasing: ``(H, W, 3)`` float32."""
+    """timm's train transform of one image: ``(H, W, 3)`` float32, every random draw from ``rng``.
+
+    timm's order (``transforms_imagenet_train``): random-resized crop, horizontal flip, RandAugment on the PIL
+    image (``cfg.auto_augment``), ``ToTensor`` + ``Normalize``, random erasing.
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # what timm's dataset does before the transform
     box = random_resized_crop_params(rng, img.width, img.height, cfg.scale, cfg.ratio)
     interp = cfg.interpolation
     if interp == "random":
         interp = ("bilinear", "bicubic")[int(rng.integers(2))]
-    x = crop_resize_flip_normalize(img, box, cfg.img_size, interp, bool(rng.random() < cfg.hflip), cfg.mean, cfg.std)
+    img = crop_resize_flip(img, box, cfg.img_size, interp, bool(rng.random() < cfg.hflip))
+    augment = cfg.rand_augment
+    if augment is not None:
+        img = augment(img, rng)
+    x = normalize(img, cfg.mean, cfg.std)
     return random_erasing(x, rng, cfg.reprob) if cfg.reprob > 0 else x
 
 
