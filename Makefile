@@ -17,17 +17,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## make demo: the main job end to end on built-in data. Writes scikit-learn's handwritten digits (real 8x8 scans) as
-## an ImageNet-layout folder, trains volo_d1_224 (at 32 px) on it with the data-parallel trainer over 2 simulated
-## devices, reloads the saved checkpoint with eval.py for the held-out accuracy, then, for each of the four seed
-## models, randomizes timm's weights, converts them with the CLI and prints the parity report against timm.
+## an ImageNet-layout folder, trains volo_d1_224 at 32 px on it (configs/volo_d1_digits.py, augmentations on) with
+## the data-parallel trainer over 2 simulated devices, reloads the saved checkpoint with eval.py for the held-out
+## accuracy, then, for each of the four seed models, randomizes timm's weights, converts them with the CLI and prints
+## the parity report against timm.
 SEED_MODELS ?= volo_d1_224 poolformer_m36 ese_vovnet19b_dw convit_base
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 10
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(PY) -m volo_jax.tools.digits $(DEMO)/digits
-	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) train.py $(DEMO)/digits --model volo_d1_224 \
-		--img-size 32 -b 32 --epochs $(DEMO_EPOCHS) --warmup-epochs 1 --lr 5e-4 --mixup 0 --cutmix 0 --reprob 0 \
-		--model-ema-decay 0.99 --workers 2 --output $(DEMO)/run
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) train.py $(DEMO)/digits \
+		--config configs/volo_d1_digits.py --epochs $(DEMO_EPOCHS) --output $(DEMO)/run
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) eval.py $(DEMO)/digits --model volo_d1_224 \
 		--img-size 32 -b 64 --checkpoint $(DEMO)/run/checkpoints --results-file $(DEMO)/run/eval.json --results-format json
 	@set -e; for m in $(SEED_MODELS); do \

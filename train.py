@@ -1,25 +1,34 @@
-"""Data-parallel training of any registered model on an ImageNet-layout folder, with exact resume.
+"""Data-parallel training of any registered model on an ImageNet-layout folder or a tfds dataset, with exact resume.
 
     python train.py /path/to/imagenet --model volo_d1_224 --img-size 224 -b 128 --lr 1.6e-3 --drop-path 0.1 --epochs 310
     python train.py /path/to/imagenet --config configs/volo_d1_224.py --output runs/d1
     python train.py /path/to/digits --model volo_d1_224 --img-size 32 -b 32 --epochs 10 --finetune converted_dir/
+    python train.py --tfds imagenet2012 --tfds-data-dir ~/tensorflow_datasets --model volo_d1_224 -b 128 ...
+
+``--tfds NAME`` reads a labelled tfds image dataset through ``tfds.data_source`` (``--train-split`` /
+``--val-split``, default ``train`` / ``validation``) instead of a folder; it must be prepared in ``array_record``
+format: ``tfds build imagenet2012 --manual_dir DIR --file_format array_record``, or an ImageNet-layout folder once
+with ``python -m volo_jax.tools.prepare_tfds FOLDER --name NAME --data-dir DIR``. TensorFlow is not needed.
 
 This is pmap-style data parallelism (parameters replicated on every device, the batch split across devices,
 gradients all-reduced, BatchNorm statistics over the global batch) written as one ``jax.jit`` program over a
 ``('data',)`` mesh of every device of every process, because ``jax.pmap`` is documented as legacy and is itself
 implemented on ``shard_map`` now (see :mod:`volo_jax.train_lib`). ``-b`` is per device, as in the VOLO repo; the
 global batch is printed. Several processes (TPU pods, multi-GPU hosts): ``jax.distributed.initialize()`` runs
-first (auto-detected on TPU/SLURM, or ``--coordinator/--num-processes/--process-id``); each process reads its own
-share of every batch and all of them write their shards of the checkpoints.
+first (auto-detected on TPU/SLURM, or ``--coordinator/--num-processes/--process-id``); each process reads its block
+of every global batch (the global batches one process would read) and all of them write their shards of the
+checkpoints; only process 0 writes metrics, TensorBoard events and config.json.
 
 A run writes to ``--output``: ``checkpoints/`` (orbax, every ``--save-every`` steps, each epoch end and at the end;
-the last ``--keep`` kept; an interrupted run restarts from the latest complete one with the same data position),
-``metrics.jsonl``, TensorBoard events in ``tb/``, ``curves.png`` at the end, and ``config.json``.
+the last ``--keep`` kept; an interrupted run restarts from the latest complete one with the same data position and
+drops the metrics rows logged after it), ``metrics.jsonl``, TensorBoard events in ``tb/``, ``curves.png`` at the
+end, and ``config.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import json
 import logging
@@ -37,33 +46,52 @@ from flax import nnx
 
 import volo_jax
 from volo_jax import data, train_lib
-from volo_jax.checkpoint import TrainCheckpoints, write_atomic
+from volo_jax.checkpoint import TrainCheckpoints, load_flat_tensors, write_atomic
 
 _logger = logging.getLogger("train")
 
 
 # --------------------------------------------------------------------------- configuration
+_DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "default.py")
+
+
+class ConfigError(ValueError):
+    """A config file or flag combination train.py cannot run."""
+
+
 def load_config(path: str | None) -> Any:
-    """``get_config()`` of an ml_collections python file (default: ``configs/default.py``)."""
-    path = path or str(Path(__file__).parent / "configs" / "default.py")
+    """``get_config()`` of an ml_collections python file (default: ``configs/default.py``); every field it sets must
+    be one of the default config's (the flags below)."""
+    path = path or _DEFAULT_CONFIG
     sys.path.insert(0, str(Path(__file__).parent))  # recipes import configs.default
     spec = importlib.util.spec_from_file_location("train_config", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"--config {path}: no such python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    cfg = module.get_config()
+    if path != _DEFAULT_CONFIG:  # a recipe may only set fields train.py knows: a typo must not be ignored silently
+        known = set(load_config(_DEFAULT_CONFIG).keys())
+        unknown = sorted(set(cfg.keys()) - known)
+        if unknown:
+            hints = "; ".join(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1))
+                                          else "") for k in unknown)
+            raise ConfigError(f"--config {path}: unknown setting(s) {hints}; known: {', '.join(sorted(known))}")
+    return cfg
 
 
 # flag -> (config field, type, help). Flags default to None so that only those given override the config file.
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--model": ("model", str, "timm model name (volo_d1_224; the VOLO repo's volo_d1 also works with --img-size)"),
-    "--num-classes": ("num_classes", int, "classes (0: the number of class folders)"),
+    "--num-classes": ("num_classes", int, "classes (0: the dataset's, i.e. the class folders or the tfds ClassLabel)"),
     "--img-size": ("img_size", int, "input resolution (0: the model's default)"),
     "--drop-path": ("drop_path", float, "stochastic depth rate"),
     "--dtype": ("dtype", str, "compute dtype: float32 or bfloat16 (parameters stay float32)"),
     "--epochs": ("epochs", int, "epochs to train"),
     "-b": ("batch_size", int, "batch size PER DEVICE (VOLO repo semantics); the global batch is printed"),
+    "--global-batch-size": ("global_batch_size", int, "global batch instead of -b (big_vision semantics, keeps "
+                                                      "the recipe when the device count changes); must divide "
+                                                      "across the devices (0: -b x devices)"),
     "--lr": ("lr", float, "peak learning rate (AdamW)"),
     "--min-lr": ("min_lr", float, "cosine floor"),
     "--warmup-lr": ("warmup_lr", float, "learning rate at step 0 of the warmup"),
@@ -78,6 +106,10 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--mixup-prob": ("mixup_prob", float, "probability of mixing a batch"),
     "--mixup-switch-prob": ("mixup_switch_prob", float, "probability of cutmix instead of mixup when both are on"),
     "--reprob": ("reprob", float, "random erasing probability"),
+    "--aa": ("auto_augment", str, "RandAugment policy as timm writes it (rand-m9-mstd0.5-inc1); none: off"),
+    "--hflip": ("hflip", float, "horizontal flip probability"),
+    "--scale": ("scale", float, "random-resized-crop area fraction range: two numbers, MIN MAX"),
+    "--ratio": ("ratio", float, "random-resized-crop aspect ratio range: two numbers, MIN MAX"),
     "--train-interpolation": ("train_interpolation", str, "random-resized-crop interpolation (random, bicubic, "
                                                           "bilinear)"),
     "--seed": ("seed", int, "seed of initialisation, data order, augmentation and mixing"),
@@ -92,15 +124,40 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+def check_config(cfg: Any) -> None:
+    """Settings that cannot work, reported before any data is read or model built."""
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype {cfg.dtype!r}: float32 or bfloat16")
+    if cfg.batch_size <= 0 and cfg.global_batch_size <= 0:
+        raise ConfigError(f"batch size {cfg.batch_size}: must be positive")
+    for name in ("scale", "ratio"):
+        lo, hi = getattr(cfg, name)
+        if not 0 < lo <= hi:
+            raise ConfigError(f"--{name} {lo} {hi}: needs 0 < MIN <= MAX")
+    if cfg.accum_steps < 1:
+        raise ConfigError(f"accum_steps {cfg.accum_steps}: must be >= 1")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Data-parallel (pmap-style, on jit + a device mesh) training with exact resume. Settings come "
                     "from --config (default configs/default.py); any flag below overrides its field.")
-    p.add_argument("data", help="ImageNet-layout folder: train/<class>/* and val/<class>/* (or validation/)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="ImageNet-layout folder: train/<class>/* and val/<class>/* (or validation/). With --tfds: "
+                        "the tfds data dir, unless --tfds-data-dir is given")
+    g = p.add_argument_group("tfds (instead of a folder)")
+    g.add_argument("--tfds", metavar="NAME", default=None,
+                   help="train on a labelled tfds image dataset read through tfds.data_source; it must be prepared "
+                        "in array_record format (imagenet2012: tfds build from its manual dir; an ImageNet-layout "
+                        "folder: python -m volo_jax.tools.prepare_tfds FOLDER --name NAME)")
+    g.add_argument("--tfds-data-dir", default=None, help="tfds data_dir (default: the positional data, else tfds's)")
+    g.add_argument("--train-split", default="train", help="training split (folder: subfolder name or synonym)")
+    g.add_argument("--val-split", default="validation", help="validation split (folder: subfolder or synonym)")
     p.add_argument("--config", default=None, help="ml_collections python file with get_config()")
     for flag, (field, typ, help_) in FLAGS.items():
         names = [flag, "--batch-size"] if flag == "-b" else ([flag, "-j"] if flag == "--workers" else [flag])
-        p.add_argument(*names, dest=field, type=typ, default=None, help=help_)
+        nargs = 2 if flag in ("--scale", "--ratio") else None
+        p.add_argument(*names, dest=field, type=typ, default=None, help=help_, nargs=nargs)
     p.add_argument("--no-resume", action="store_true", help="start over even if --output has checkpoints")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator address host:port")
     p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
@@ -127,12 +184,16 @@ def evaluate(graphdef: Any, states: tuple[Any, ...], source: Any, cfg: data.Eval
     step = _eval_fn(graphdef, rep, shard)
     batches, _ = data.eval_batches(source, cfg, global_batch, process_index=jax.process_index(),
                                    process_count=jax.process_count(), workers=workers)
-    totals = None
+    totals: dict[str, float] = {}
     for b in batches:
         make = jax.make_array_from_process_local_data
         sums, _ = step(states, make(shard, b["image"]), make(shard, b["label"]), make(shard, b["mask"]))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    n = max(float(totals["count"]), 1.0)
+        # Each batch's four sums come to the host (added in float64): one eval step in flight at a time. Queuing
+        # them all as small device programs (an add per sum per batch) hung two CPU processes in a gloo all-gather,
+        # one device's launch blocked on XLA's cap of in-flight programs per device.
+        for k, v in jax.device_get(sums).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    n = max(totals["count"], 1.0)
     return {"top1": 100.0 * float(totals["top1"]) / n, "top5": 100.0 * float(totals["top5"]) / n,
             "loss": float(totals["loss"]) / n, "count": int(totals["count"])}
 
@@ -149,16 +210,25 @@ def _eval_fn(graphdef: Any, rep: Any, shard: Any) -> Any:
 
 
 class Writers:
-    """metrics.jsonl (atomic per line), TensorBoard events; only process 0 writes."""
+    """metrics.jsonl (atomic per line), TensorBoard events; only process 0 writes.
 
-    def __init__(self, out: Path, enabled: bool):
+    A run that starts at step ``start`` (resumed from that checkpoint) first drops the rows an interrupted run logged
+    after it, atomically, and has TensorBoard hide those events: the resumed run logs those steps again, so the
+    curves hold each step once.
+    """
+
+    def __init__(self, out: Path, enabled: bool, start: int = 0):
         self.enabled, self.out = enabled, out
         self.tb = None
         if enabled:
+            path = out / "metrics.jsonl"
+            if path.exists():
+                rows = [line for line in path.read_text().splitlines() if _step_of(line) <= start]
+                write_atomic(path, "".join(f"{line}\n" for line in rows))
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tb"))
+                self.tb = SummaryWriter(str(out / "tb"), purge_step=start + 1)
             except ImportError:  # pragma: no cover - optional
                 _logger.warning("tensorboardX not installed: no TensorBoard events (pip install tensorboardX)")
 
@@ -175,6 +245,14 @@ class Writers:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl row; inf for a line torn by a kill (dropped)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def plot_curves(out: Path) -> Path | None:
@@ -218,27 +296,59 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
         jax.distributed.initialize()  # pod / SLURM auto-detection
-    cfg = load_config(args.config)
-    for field, value in vars(args).items():  # flags given on the command line win over the config file
-        if field in cfg and value is not None:
-            cfg[field] = value
+    try:
+        cfg = load_config(args.config)
+        for field, value in vars(args).items():  # flags given on the command line win over the config file
+            if field in cfg and value is not None:
+                cfg[field] = tuple(value) if isinstance(value, list) else value
+        check_config(cfg)
+    except (ConfigError, FileNotFoundError, SyntaxError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(cfg.output)
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
 
     # 1. data and model
     try:
-        train_source = data.ImageFolderSource(args.data, split="train")
-        val_source = data.ImageFolderSource(args.data, split="validation")
+        if args.tfds:
+            tfds_dir = args.tfds_data_dir or args.data
+            train_source = data.TfdsSource(args.tfds, args.train_split, tfds_dir)
+            val_source = data.TfdsSource(args.tfds, args.val_split, tfds_dir)
+        elif args.data is None:
+            raise data.DataError("give an ImageNet-layout folder (positional) or --tfds NAME")
+        else:
+            train_source = data.ImageFolderSource(args.data, split=args.train_split)
+            val_source = data.ImageFolderSource(args.data, split=args.val_split)
     except (data.DataError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if train_source.root == val_source.root:
+    if args.tfds and args.train_split == args.val_split:
+        print(f"error: --train-split and --val-split are both {args.train_split!r}", file=sys.stderr)
+        return 2
+    if not args.tfds and train_source.root == val_source.root:
         print(f"error: {args.data} needs separate train/ and val/ (or validation/) subfolders", file=sys.stderr)
+        return 2
+    if not train_source.classes and not cfg.num_classes:  # a tfds label that is not a ClassLabel: no class count
+        print(f"error: tfds dataset {args.tfds!r} has no class names (its label is not a ClassLabel); give "
+              "--num-classes", file=sys.stderr)
+        return 2
+    if train_source.classes != val_source.classes:  # labels are class-folder indices: they must mean the same
+        only_train = sorted(set(train_source.classes) - set(val_source.classes))
+        only_val = sorted(set(val_source.classes) - set(train_source.classes))
+        print(f"error: the train and validation class folders differ (only in train: {only_train[:10]}, only in "
+              f"validation: {only_val[:10]}): the labels would not match", file=sys.stderr)
         return 2
     num_classes = cfg.num_classes or len(train_source.classes)
     mesh = train_lib.data_mesh()
     n_dev = mesh.devices.size
+    if cfg.global_batch_size:
+        if cfg.global_batch_size % n_dev:
+            print(f"error: global batch {cfg.global_batch_size} does not divide across {n_dev} devices "
+                  f"({jax.process_count()} process(es)); use a multiple of {n_dev}, or -b per device",
+                  file=sys.stderr)
+            return 2
+        cfg.batch_size = cfg.global_batch_size // n_dev
     global_batch = train_lib.global_batch_size(cfg.batch_size, mesh)
     steps_per_epoch = len(train_source) // global_batch
     if steps_per_epoch == 0:
@@ -254,8 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.finetune:
             ft = Path(cfg.finetune)
             if ft.is_dir() and not (ft / "config.json").exists() and not list(ft.glob("*.safetensors")):
+                # a training run, possibly at another image size or class count: read at its own shapes, then
+                # load like converted weights (pos_embed resampled, a head of another size left out)
+                from volo_jax.hub import classifier_prefixes
+
                 run, step = TrainCheckpoints.open_run(ft)
-                run.restore_weights(model, step)
+                tensors, ft_meta = run.weights_as_numpy(step)
+                load_flat_tensors(model, tensors, source=f"{run.directory} (step {step or run.latest_step()})",
+                                  ignore_prefixes=classifier_prefixes(model, int(ft_meta["num_classes"])))
             else:
                 from volo_jax.hub import load_pretrained
 
@@ -265,8 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = model.pretrained_cfg["input_size"][1:]
     data_cfg = model.pretrained_cfg
-    train_cfg = data.TrainConfig(img_size=tuple(size), mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
-                                 interpolation=cfg.train_interpolation, reprob=cfg.reprob)
+    aa = None if cfg.auto_augment.lower() in ("", "none") else cfg.auto_augment
+    try:
+        train_cfg = data.TrainConfig(img_size=tuple(size), mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
+                                     scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+                                     interpolation=cfg.train_interpolation, reprob=cfg.reprob, auto_augment=aa)
+    except ValueError as e:  # e.g. an --aa policy we cannot parse
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     eval_cfg = data.resolve_eval_config(data_cfg, input_size=(3, *size))
 
     # 2. optimizer, state, checkpoints
@@ -278,13 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     tx, schedule = train_lib.make_optimizer(opt_cfg, nnx.state(model, nnx.Param))
     graphdef, state = train_lib.create_train_state(model, tx, seed=cfg.seed, ema=cfg.model_ema_decay > 0)
     del model
+    state = train_lib.replicate(state, mesh)  # every process built the same state from the seed
     ckpts = TrainCheckpoints(out / "checkpoints", keep=cfg.keep)
     data_state = None
     if not args.no_resume and ckpts.latest_step() is not None:
-        state, meta = ckpts.restore(state)
+        state, meta = ckpts.restore(state)  # straight into the replicated layout, each process its own devices
         data_state = meta.get("data_state")
         _logger.info("Resumed from %s step %d.", ckpts.directory, int(state.step))
-    state = jax.device_put(state, train_lib.replicated(mesh))
     mix = train_lib.MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                               switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
                               num_classes=num_classes)
@@ -294,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                                           workers=cfg.workers)
     if data_state is not None:
         train_it.set_state(data_state)
-    writers = Writers(out, _is_main())
+    writers = Writers(out, _is_main(), start=int(state.step))
     if _is_main():
         write_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
         print(f"{cfg.model}: {len(train_source)} train / {len(val_source)} val images, {num_classes} classes; "

@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     # optimisation (timm train.py names)
     c.epochs = 300
     c.batch_size = 128  # PER DEVICE, as in the VOLO repo; the global batch is batch_size * devices
+    c.global_batch_size = 0  # >0: the global batch (big_vision semantics) instead of batch_size * devices
     c.lr = 1.6e-3
     c.min_lr = 1e-5
     c.warmup_lr = 1e-6
@@ -34,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mixup_prob = 1.0
     c.mixup_switch_prob = 0.5
     c.reprob = 0.25
+    c.auto_augment = "rand-m9-mstd0.5-inc1"  # timm/VOLO --aa; "none": off
+    c.hflip = 0.5
+    c.scale = (0.08, 1.0)  # random-resized-crop area fraction
+    c.ratio = (3.0 / 4.0, 4.0 / 3.0)  # random-resized-crop aspect ratio
     c.train_interpolation = "random"
     # run
     c.seed = 42

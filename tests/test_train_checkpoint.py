@@ -103,3 +103,39 @@ def test_restore_weights_without_ema_is_a_clear_error(tmp_path):
         TrainCheckpoints(tmp_path, read_only=True).restore_weights(target, use_ema=True)
     with pytest.raises(FileNotFoundError, match="no complete training checkpoint"):
         TrainCheckpoints(tmp_path / "empty").restore_weights(target)
+
+
+def test_finetune_weights_at_another_size_and_class_count(tmp_path):
+    """A training run of VOLO at 32 px / 10 classes loads into a 64 px / 5 class model (``train.py --finetune``):
+    pos_embed resampled exactly as timm does it, every other tensor copied, the head of another size left as
+    initialised; the same run loads bit-exactly into its own shapes."""
+    from converters.torch_to_flax import maybe_resample_pos_embed
+    from volo_jax.checkpoint import load_flat_tensors
+    from volo_jax.hub import classifier_prefixes
+
+    model = volo_jax.create_model("volo_d1_224", num_classes=10, img_size=32, rngs=0)
+    tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(lr=1e-3, warmup_steps=2, total_steps=20),
+                                     nnx.state(model, nnx.Param))
+    _, state = train_lib.create_train_state(model, tx, seed=0, ema=False)
+    ckpts = TrainCheckpoints(tmp_path / "ckpt")
+    ckpts.save(state, {"model_name": "volo_d1_224", "num_classes": 10, "img_size": [32, 32]})
+    ckpts.close()
+
+    tensors, meta = TrainCheckpoints(tmp_path / "ckpt", read_only=True).weights_as_numpy()
+    assert meta["num_classes"] == 10 and tensors["pos_embed"].shape == (1, 2, 2, 384)
+    same = volo_jax.create_model("volo_d1_224", num_classes=10, img_size=32, rngs=1)
+    load_flat_tensors(same, tensors, source="run")
+    for a, b in zip(_leaves(nnx.state(same)), _leaves(nnx.state(model)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    target = volo_jax.create_model("volo_d1_224", num_classes=5, img_size=64, rngs=1)
+    head_before = np.asarray(target.head.kernel.get_value())
+    load_flat_tensors(target, tensors, source="run", ignore_prefixes=classifier_prefixes(target, 10))
+    pos = np.asarray(target.pos_embed.get_value())
+    assert pos.shape == (1, 4, 4, 384)
+    np.testing.assert_array_equal(pos, maybe_resample_pos_embed("pos_embed", tensors["pos_embed"], pos.shape))
+    np.testing.assert_array_equal(np.asarray(target.head.kernel.get_value()), head_before)
+    np.testing.assert_array_equal(np.asarray(target.network[0][0].attn.v.kernel.get_value()),
+                                  tensors["network.0.0.attn.v.kernel"])
+    with pytest.raises(ConversionError, match="aux_head|head"):  # without leaving the head out: a clear error
+        load_flat_tensors(volo_jax.create_model("volo_d1_224", num_classes=5, img_size=64), tensors, source="run")

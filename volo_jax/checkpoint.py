@@ -282,6 +282,24 @@ def load_params(
     except Exception as e:
         raise ConversionError(f"Cannot read {weights}: {type(e).__name__}: {e}") from e
 
+    saved_name = str(config.get("model_name", ""))
+    wanted = model_name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    same_arch = wanted is None or saved_name.split(".")[0] == str(wanted).split(".")[0]
+    hint = "" if same_arch else f"Note: {directory} was converted for {saved_name!r}, not {wanted!r}."
+    load_flat_tensors(model, tensors, source=str(directory), ignore_prefixes=ignore_prefixes,
+                      resample_pos_embed=resample_pos_embed, hint=hint)
+    if not same_arch:
+        _logger.warning("%s was converted for %r; loading it into %r (all shapes match).",
+                        directory, saved_name, wanted)
+
+
+def load_flat_tensors(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, source: str,
+                      ignore_prefixes: Sequence[str] = (), resample_pos_embed: bool = True, hint: str = "") -> None:
+    """Loads ``{dotted NNX path: array}`` into ``model`` in place, strictly (see :func:`load_params`).
+
+    Raises:
+        ConversionError: missing, unexpected or mis-shaped tensors, all listed (``source`` names where from).
+    """
     ignore_prefixes = tuple(ignore_prefixes)
     variables = {k: v for k, v in _flat_variables(model).items() if not k.startswith(ignore_prefixes)}
     found = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith(ignore_prefixes)}
@@ -300,20 +318,13 @@ def load_params(
         # jnp.asarray places the value on the default device instead of leaving a numpy array in the model.
         updates.append((path, var.replace(jnp.asarray(value, dtype=var.get_value().dtype))))
 
-    saved_name = str(config.get("model_name", ""))
-    wanted = model_name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    same_arch = wanted is None or saved_name.split(".")[0] == str(wanted).split(".")[0]
-    hint = "" if same_arch else f"Note: {directory} was converted for {saved_name!r}, not {wanted!r}."
     raise_for_problems(
-        target=f"{type(model).__name__} from {directory}",
+        target=f"{type(model).__name__} from {source}",
         expected={k: (tuple(v.get_value().shape), k) for k, (_, v) in variables.items()},
         found=found,
         mismatched=mismatched,
         hint=hint,
     )
-    if not same_arch:
-        _logger.warning("%s was converted for %r; loading it into %r (all shapes match).",
-                        directory, saved_name, wanted)
     nnx.update(model, nnx.from_flat_state(updates))
 
 
@@ -356,8 +367,10 @@ class TrainCheckpoints:
 
         self._ocp = ocp
         self.directory = Path(directory).expanduser().absolute()
+        # cleanup_tmp_directories: a save that a kill interrupted left a temporary directory; remove it.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=not read_only, read_only=read_only)
+                                               create=not read_only, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     @classmethod
@@ -440,6 +453,24 @@ class TrainCheckpoints:
         if "batch_stats" in items:
             nnx.update(model, r.batch_stats)
         return dict(r.meta)
+
+    def weights_as_numpy(self, step: int | None = None, *, use_ema: bool = False
+                         ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The weights of ``step`` as ``{dotted NNX path: array}`` at the run's own shapes, and its ``meta``.
+
+        For loading into a model of another image size or class count (``train.py --finetune``): the run's model is
+        rebuilt from ``meta`` (name, classes, image size) as the restore target, then flattened.
+        """
+        from volo_jax.registry import create_model
+
+        step = self._step(step)
+        meta = self.meta(step)
+        kw: dict[str, Any] = {"num_classes": int(meta["num_classes"])}
+        if meta.get("img_size"):
+            kw["img_size"] = tuple(meta["img_size"])
+        src = create_model(meta["model_name"], **kw)
+        self.restore_weights(src, step, use_ema=use_ema)
+        return {k: np.asarray(v.get_value()) for k, (_, v) in _flat_variables(src).items()}, meta
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is on disk."""

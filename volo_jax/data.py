@@ -267,8 +267,8 @@ def find_images(folder: str | os.PathLike, extensions: Sequence[str] = IMG_EXTEN
     """timm's ``find_images_and_targets``: ``[(path, class index)]`` in natural order and the class names.
 
     Raises:
-        DataError: no such folder, no image files, or images lying directly in ``folder`` (no class subfolder:
-            timm would give them a class named ``''`` and shift every label).
+        DataError: no such folder, no image files, images lying directly in ``folder`` (no class subfolder:
+            timm would give them a class named ``''`` and shift every label), or a class folder without images.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -289,6 +289,15 @@ def find_images(folder: str | os.PathLike, extensions: Sequence[str] = IMG_EXTEN
         raise DataError(f"{folder} has {len(loose)} image(s) outside class subfolders (e.g. "
                         f"{os.path.basename(loose[0])}); {expected}")
     classes = sorted(set(labels), key=_natural_key)
+    # timm drops a class folder without images silently, which shifts the index of every later class (and then
+    # train and val labels disagree): refuse instead, naming the folders
+    used = {Path(os.path.relpath(f, folder)).parts[0] for f in files}
+    empty = sorted((d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                    and d.name not in used), key=_natural_key)
+    if empty:
+        raise DataError(f"{folder}: class folder(s) without images: {', '.join(empty[:10])}"
+                        + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+                        + "; remove them or add their images (an empty class would shift every later label)")
     class_to_idx = {c: i for i, c in enumerate(classes)}
     samples = sorted(((f, class_to_idx[label]) for f, label in zip(files, labels, strict=True)),
                      key=lambda s: _natural_key(s[0]))
@@ -329,10 +338,11 @@ class TfdsSource:
             self.ds = tfds.data_source(name, split=split, data_dir=data_dir, download=download,
                                        decoders={image_key: tfds.decode.SkipDecoding()})
         except Exception as e:  # DatasetNotFoundError, missing split, tfrecord-only preparation, ...
+            why = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else ""
             raise DataError(f"tfds dataset {name!r} split {split!r} (data_dir={data_dir}) cannot be read: "
-                            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
-                            "It must be prepared in array_record format (tfds build NAME --file_format "
-                            "array_record [--manual_dir DIR]).") from e
+                            f"{type(e).__name__}: {why}. It must be prepared in array_record format (tfds build "
+                            "NAME --file_format array_record [--manual_dir DIR]; an ImageNet-layout folder: python "
+                            "-m volo_jax.tools.prepare_tfds FOLDER --name NAME --data-dir DIR).") from e
         self.name_, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         if len(self.ds) == 0:
             raise DataError(f"tfds dataset {name!r} split {split!r} is empty")
@@ -350,7 +360,14 @@ class TfdsSource:
         return load_image(bytes(record[self.image_key])), int(record[self.label_key])
 
     def name(self, index: int) -> str:
-        return f"{self.name_}/{self.split}[{index}]"
+        """``name/split[index]``, followed by the record's ``file_name`` where it has one (imagenet2012, datasets
+        written by ``volo_jax.tools.prepare_tfds``)."""
+        where = f"{self.name_}/{self.split}[{index}]"
+        try:
+            file_name = self.ds[index]["file_name"]
+        except Exception:  # no such feature, or the record itself is unreadable: naming must not fail
+            return where
+        return f"{where} {file_name.decode() if isinstance(file_name, bytes) else file_name}"
 
 
 # --------------------------------------------------------------------------- loader
@@ -565,15 +582,43 @@ class _TrainExample:
             return None
 
 
+def _process_blocks(parent: Any, local: int, process_index: int, process_count: int) -> Any:
+    """``parent`` (a grain ``MapDataset``) reduced to this process's rows of every global batch."""
+    import grain  # optional dependency: imported where used
+
+    class ProcessBlocks(grain.MapDataset):
+        """Process ``p``'s rows of each global batch of ``parent``: positions ``k*B + p*L .. k*B + p*L + L - 1`` of
+        global batch ``k`` (``L = B / P`` local rows), the rows its devices hold in a ``('data',)``-sharded array."""
+
+        def __init__(self, parent: Any, local: int, process_index: int, process_count: int):
+            super().__init__(parent)
+            self._local, self._index, self._count = local, process_index, process_count
+
+        def __len__(self) -> int:
+            return len(self._parent) // self._count
+
+        def __getitem__(self, index: Any) -> Any:
+            if isinstance(index, slice):
+                return self.slice(index)
+            k, r = divmod(index, self._local)
+            return self._parent[(k * self._count + self._index) * self._local + r]
+
+        def __str__(self) -> str:
+            return f"ProcessBlocks(local={self._local}, process={self._index}/{self._count})"
+
+    return ProcessBlocks(parent, local, process_index, process_count)
+
+
 def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: int, process_index: int = 0,
                   process_count: int = 1, workers: int = 4) -> tuple[Any, _TrainExample]:
     """An endless, checkpointable iterator of this process's training batches, and its example loader.
 
-    The example order is a permutation of the dataset drawn from ``seed``, a new one every epoch; process ``p`` takes
-    every ``process_count``-th example from ``p`` on, and each batch is ``global_batch / process_count`` of them.
-    Augmentation randomness is derived from ``seed`` and the example's position in the stream, so the stream does
-    not depend on the number of decoding threads, and ``iterator.get_state()`` / ``set_state()`` (grain) resume it
-    exactly. Undecodable images are dropped (``loader.skipped`` names them); batches stay full.
+    The example order is a permutation of the dataset drawn from ``seed``, a new one every epoch, cut into global
+    batches; process ``p`` takes the ``p``-th ``global_batch / process_count`` rows of each (the rows its devices
+    hold). Augmentation randomness is derived from ``seed`` and the example's position in the global stream, so the
+    global batches do not depend on the number of processes or decoding threads, and ``iterator.get_state()`` /
+    ``set_state()`` (grain) resume it exactly. Undecodable images are dropped (``loader.skipped`` names them);
+    batches stay full.
     """
     import grain
 
@@ -583,9 +628,11 @@ def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: 
         raise DataError(f"{len(source)} training images, fewer than one global batch of {global_batch}")
     local = global_batch // process_count
     loader = _TrainExample(source, cfg)
-    ds = (grain.MapDataset.source(list(range(len(source)))).shuffle(seed=seed).repeat()
-          .slice(slice(process_index, None, process_count))
-          .random_map(loader, seed=seed)
+    # Augmentation is keyed by the position in the global stream (random_map before the split), and each process
+    # takes its block of every global batch, so P processes feed exactly the global batches one process would.
+    stream = (grain.MapDataset.source(list(range(len(source)))).shuffle(seed=seed).repeat()
+              .random_map(loader, seed=seed))
+    ds = (_process_blocks(stream, local, process_index, process_count)
           .to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers), prefetch_buffer_size=2 * local))
           .batch(local, drop_remainder=True))
     return iter(ds), loader

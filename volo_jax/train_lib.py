@@ -315,6 +315,17 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A pytree of host-local values, the same on every process, as arrays replicated on every device of ``mesh``.
+
+    ``jax.device_put(tree, replicated(mesh))`` refuses committed arrays (a model built on the default device, a
+    restored checkpoint) when ``mesh`` spans other processes' devices; here each process fills its own devices.
+    """
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.host_local_array_to_global_array(tree, mesh, P())
+
+
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mix: MixConfig, ema_decay: float,
                    mesh: Mesh) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """``train_step`` jitted over ``mesh``: state replicated and donated, batch split along ``data``."""
