@@ -13,6 +13,8 @@ import sys
 # subcommand -> (module, one-line description)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "outlook": ("benchmarks.bench_outlook", "VOLO outlook attention: jitted JAX vs timm eager, forward and backward"),
+    "models": ("benchmarks.bench_models", "whole models vs timm eager/compile: inference, train step, compile, "
+                                          "memory, conversion"),
     "input": ("benchmarks.bench_input", "input pipeline alone: our grain streams vs timm transforms + DataLoader"),
 }
 

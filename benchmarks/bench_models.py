@@ -1,0 +1,392 @@
+"""Whole models against timm in the same run: inference, a training step, first-call compile, peak memory, conversion.
+
+    python -m benchmarks models                                    # the four seed models, batch 1/8/32, fp32, CPU
+    python -m benchmarks models --models volo_d1_224 --batch 8 --no-compile --repeats 3
+    python -m benchmarks models --device gpu --dtype bfloat16      # unchanged on an accelerator host
+
+Per model, every measurement runs against timm on the same weights and inputs:
+
+- **inference** images/s at each ``--batch``: ours (``jax.jit`` of the model's ``__call__``, eval mode), timm eager
+  (``torch.inference_mode``) and timm ``torch.compile`` (``--no-compile`` skips it; its cold compile is reported). The
+  three are called in turn inside every repeat, so load changes on a noisy machine hit all columns alike; medians.
+- **training step** images/s at ``--train-batch``: forward, cross-entropy, backward, AdamW update; ours is
+  ``volo_jax.train_lib.train_step`` jitted with the state donated (what ``train.py`` runs, mixup off), timm's is
+  ``model.train()``, ``F.cross_entropy``, ``.backward()``, ``torch.optim.AdamW.step()``.
+- **compile**: wall time of our first jitted call (trace + XLA compile + run) for the inference batch and the step.
+- **peak memory** of a steady-state training step, each framework alone in a fresh subprocess (``--no-memory``
+  skips it): on CPU, after one step, the peak resident size during two more above the resident size before them
+  (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``, minus ``VmRSS``: activations, gradients, workspace; the
+  weights, optimizer state and runtime are already resident); on GPU the allocator's peak
+  (``memory_stats()['peak_bytes_in_use']`` / ``torch.cuda.max_memory_allocated``).
+- **conversion**: seconds for ``volo_jax.create_model(name, pretrained=<timm's weights as .safetensors>)`` (read,
+  convert, load), the path a user takes with a released checkpoint.
+- **fraction of the machine**: model FLOPs (XLA's cost analysis of our jitted forward) per second divided by the
+  rate of a 2048x2048 matmul measured in the same run (``--matmul``).
+
+Ratios are ours / timm (> 1: we are faster). One machine's absolute numbers are noise; same-run ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before the first JAX backend use; --device sets it again
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+SEED_MODELS = ["volo_d1_224", "poolformer_m36", "ese_vovnet19b_dw", "convit_base"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=SEED_MODELS, help="registered model names")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32], help="inference batch sizes")
+    parser.add_argument("--train-batch", type=int, default=8, help="training-step batch (0: skip the step)")
+    parser.add_argument("--img-size", type=int, default=0, help="input size (0: each model's default)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (compiling) one")
+    parser.add_argument("--device", default="cpu", help="JAX platform (cpu, gpu, tpu); torch uses CUDA for gpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-compile", action="store_true", help="skip timm + torch.compile (cold compiles are slow)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-convert", action="store_true", help="skip the conversion timing")
+    parser.add_argument("--matmul", type=int, default=2048, help="side of the reference matmul (0: skip)")
+    parser.add_argument("--json", default=None, help="also write every number to this JSON file")
+    parser.add_argument("--settle-ms", type=float, default=20.0,
+                        help="idle time before each timed call, so one runtime's spinning threads do not slow the "
+                             "other")
+    # internal: one peak-memory probe in a fresh process
+    parser.add_argument("--_probe", choices=["jax", "timm"], default=None, help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------- helpers
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _torch_device(args: argparse.Namespace) -> str:
+    import torch
+
+    return "cuda" if args.device == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _models(name: str, args: argparse.Namespace, num_classes: int | None = None) -> tuple[Any, Any, int]:
+    """timm's model and ours with the same weights (timm's own init, converted), and the input size."""
+    import timm
+    import torch
+
+    import volo_jax
+    from converters.parity import timm_state_dict_numpy
+    from converters.torch_to_flax import convert_state_dict
+
+    kw: dict[str, Any] = {} if not args.img_size else {"img_size": args.img_size}
+    torch.manual_seed(0)
+    ref = timm.create_model(name, **kw)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ours = volo_jax.create_model(name, dtype=dtype, **kw)
+    from flax import nnx
+
+    nnx.update(ours, convert_state_dict(timm_state_dict_numpy(ref), ours))
+    size = ours.pretrained_cfg["input_size"][-1]
+    return ref, ours, size
+
+
+def matmul_gflops(n: int, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n x n`` float32 matmul under ``jax.jit`` (the machine's dense-compute ceiling)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    t = statistics.median(_timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats))
+    return 2 * n**3 / t / 1e9
+
+
+# --------------------------------------------------------------------------- inference
+def bench_inference(name: str, ref: Any, ours: Any, size: int, batch: int, args: argparse.Namespace
+                    ) -> dict[str, float]:
+    import torch
+    from flax import nnx
+
+    device = _torch_device(args)
+    tdtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    ref = ref.eval().to(device, tdtype)
+    ours.eval()
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    xt = torch.from_numpy(x).to(device, tdtype)
+    xj = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1)))  # NHWC
+    graphdef, state = nnx.split(ours)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    out: dict[str, float] = {}
+
+    lowered = fwd.lower(state, xj)
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    jax.block_until_ready(compiled(state, xj))
+    out["compile_s"] = time.perf_counter() - t0 + 0.0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out["gflop"] = float((cost or {}).get("flops", float("nan"))) / 1e9
+
+    def ours_call() -> None:
+        jax.block_until_ready(compiled(state, xj))
+
+    def eager_call() -> None:
+        with torch.inference_mode():
+            ref(xt)
+        _sync(device)
+
+    fns = {"ours": ours_call, "timm": eager_call}
+    if not args.no_compile:
+        compiled_ref = torch.compile(ref)
+
+        def compiled_call() -> None:
+            with torch.inference_mode():
+                compiled_ref(xt)
+            _sync(device)
+
+        out["torch_compile_s"] = _timed(compiled_call)
+        fns["timm_compile"] = compiled_call
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            time.sleep(args.settle_ms / 1e3)
+            times[k].append(_timed(fn))
+    for k, ts in times.items():
+        out[f"{k}_img_s"] = batch / statistics.median(ts)
+    return out
+
+
+# --------------------------------------------------------------------------- training step
+def _ours_step(ours: Any, batch: int, size: int) -> Callable[[], None]:
+    """Our jitted training step (state donated) on a fixed batch; the first call compiles."""
+    from flax import nnx
+
+    from volo_jax import train_lib
+
+    ours.train()
+    tx, _ = train_lib.make_optimizer(train_lib.OptimizerConfig(lr=1e-4, total_steps=1000),
+                                     nnx.state(ours, nnx.Param))
+    graphdef, state = train_lib.create_train_state(ours, tx, seed=0)
+    mix = train_lib.MixConfig(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
+                              num_classes=ours.num_classes)
+    step = jax.jit(lambda s, x, y: train_lib.train_step(graphdef, tx, mix, 0.0, s, x, y), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32))
+    y = jax.device_put(jnp.asarray(rng.integers(0, ours.num_classes, batch), jnp.int32))
+    holder = {"state": state}
+
+    def call() -> None:
+        holder["state"], metrics = step(holder["state"], x, y)
+        jax.block_until_ready(metrics)
+
+    return call
+
+
+def _timm_step(ref: Any, batch: int, size: int, args: argparse.Namespace) -> Callable[[], None]:
+    import torch
+    import torch.nn.functional as F
+
+    device = _torch_device(args)
+    ref = ref.train().to(device)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, 3, size, size)).astype(np.float32)).to(device)
+    y = torch.from_numpy(rng.integers(0, ref.num_classes, batch)).to(device)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+
+    def call() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(ref(x), y)
+        loss.backward()
+        opt.step()
+        _sync(device)
+
+    return call
+
+
+def bench_train(ref: Any, ours: Any, size: int, args: argparse.Namespace) -> dict[str, float]:
+    batch = args.train_batch
+    ours_call = _ours_step(ours, batch, size)
+    out = {"train_compile_s": _timed(ours_call)}
+    fns = {"ours": ours_call, "timm": _timm_step(ref, batch, size, args)}
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            time.sleep(args.settle_ms / 1e3)
+            times[k].append(_timed(fn))
+    for k, ts in times.items():
+        out[f"train_{k}_img_s"] = batch / statistics.median(ts)
+    return out
+
+
+# --------------------------------------------------------------------------- peak memory (fresh processes)
+def _proc_status_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    """Child process: build one framework's model alone, take one training step (compiling, creating the optimizer
+    state), then print the peak resident memory of two more steps above the resident size before them (weights,
+    optimizer state, runtime and data already in): activations, gradients and workspace. On an accelerator, the
+    device allocator's peak instead."""
+    import gc
+
+    name = args.models[0]
+    kw: dict[str, Any] = {} if not args.img_size else {"img_size": args.img_size}
+    if args._probe == "jax":
+        import volo_jax
+
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        model = volo_jax.create_model(name, dtype=dtype, **kw)
+        call = _ours_step(model, args.train_batch, model.pretrained_cfg["input_size"][-1])
+    else:
+        import timm
+        import torch
+
+        model = timm.create_model(name, **kw)
+        call = _timm_step(model, args.train_batch, model.pretrained_cfg["input_size"][-1], args)
+    call()  # first step: our compile, timm's lazily created AdamW moments; both then hold the optimizer state
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    base = _proc_status_mib("VmRSS")
+    call()
+    call()
+    peak = _proc_status_mib("VmHWM") - base
+    if args._probe == "jax" and jax.devices()[0].platform != "cpu":
+        peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", float("nan")) / 2**20
+    elif args._probe == "timm" and _torch_device(args) == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps({"peak_mib": peak}))
+
+
+def bench_memory(name: str, args: argparse.Namespace) -> dict[str, float]:
+    out = {}
+    for which in ("jax", "timm"):
+        cmd = [sys.executable, "-m", "benchmarks", "models", "--models", name, "--train-batch", str(args.train_batch),
+               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--_probe", which]
+        if args.img_size:
+            cmd += ["--img-size", str(args.img_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        try:
+            out[f"train_{which}_peak_mib"] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+        except (IndexError, ValueError, KeyError):
+            print(f"  memory probe {which} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return out
+
+
+# --------------------------------------------------------------------------- conversion
+def bench_convert(name: str, ref: Any, args: argparse.Namespace) -> float:
+    """Seconds for create_model(name, pretrained=file) from timm's weights saved as .safetensors."""
+    from safetensors.torch import save_file
+
+    import volo_jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+        kw: dict[str, Any] = {} if not args.img_size else {"img_size": args.img_size}
+        return _timed(lambda: volo_jax.create_model(name, pretrained=str(path), **kw))
+
+
+# --------------------------------------------------------------------------- main
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    jax.config.update("jax_platforms", args.device)
+    torch.set_num_threads(args.threads)
+    if args._probe:
+        _probe(args)
+        return
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} on "
+          f"{_torch_device(args)} with {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats}",
+          flush=True)
+    results: dict[str, Any] = {"device": f"{dev.platform} ({dev.device_kind})", "dtype": args.dtype, "models": {}}
+    if args.matmul:
+        results["matmul_gflops"] = matmul_gflops(args.matmul)
+        print(f"{args.matmul}x{args.matmul} fp32 matmul: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)
+    inf_rows, train_rows = [], []
+    for name in args.models:
+        ref, ours, size = _models(name, args)
+        r: dict[str, Any] = {"img_size": size, "inference": {}}
+        for batch in args.batch:
+            b = bench_inference(name, ref, ours, size, batch, args)
+            r["inference"][batch] = b
+            frac = b["gflop"] * b["ours_img_s"] / batch / results["matmul_gflops"] if args.matmul else None
+            best = max(b["timm_img_s"], b.get("timm_compile_img_s", 0.0))
+            inf_rows.append([name, str(batch), _fmt(b["ours_img_s"]), _fmt(b["timm_img_s"]),
+                             _fmt(b.get("timm_compile_img_s")), f"{b['ours_img_s'] / best:.2f}x",
+                             _fmt(frac * 100 if frac else None, ".0f") + " %", _fmt(b["compile_s"]),
+                             _fmt(b.get("torch_compile_s"))])
+            print("  " + " | ".join(inf_rows[-1]), flush=True)
+        if args.train_batch:
+            r["train"] = bench_train(ref, ours, size, args)
+            if not args.no_memory:
+                r["train"].update(bench_memory(name, args))
+            t = r["train"]
+            train_rows.append([name, str(args.train_batch), _fmt(t["train_ours_img_s"], ".2f"),
+                               _fmt(t["train_timm_img_s"], ".2f"),
+                               f"{t['train_ours_img_s'] / t['train_timm_img_s']:.2f}x", _fmt(t["train_compile_s"]),
+                               _fmt(t.get("train_jax_peak_mib"), ".0f"), _fmt(t.get("train_timm_peak_mib"), ".0f")])
+            print("  " + " | ".join(train_rows[-1]), flush=True)
+        if not args.no_convert:
+            r["convert_s"] = bench_convert(name, ref, args)
+            print(f"  {name}: conversion {r['convert_s']:.1f} s", flush=True)
+        results["models"][name] = r
+        del ref, ours
+    _table(["model", "B", "ours img/s", "timm eager img/s", "timm compile img/s", "ours / best timm",
+            "of matmul rate", "our compile s", "torch.compile s"], inf_rows)
+    if train_rows:
+        _table(["model", "B", "ours img/s", "timm img/s", "ratio", "our compile s", "ours peak MiB",
+                "timm peak MiB"], train_rows)
+    if not args.no_convert:
+        _table(["model", "conversion s"], [[n, f"{r['convert_s']:.1f}"] for n, r in results["models"].items()])
+    if args.json:
+        from volo_jax.checkpoint import write_atomic
+
+        write_atomic(args.json, json.dumps(results, indent=1))
+
+
+def _table(cols: list[str], rows: list[list[str]]) -> None:
+    print()
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
