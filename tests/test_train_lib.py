@@ -188,6 +188,22 @@ def test_gradients_match_timm_convit():
     _assert_grads_close(_torch_layout(nnx.merge(graphdef, grads, new_model_state)), ref.named_parameters())
 
 
+def test_gradients_match_timm_volo():
+    """VOLO-D1 in training mode (BatchNorm stem on batch statistics, outlook attention with its hand-written VJP,
+    class attention, the aux-token term of the logits): the loss and every parameter's gradient equal timm's."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    ref, model, x, targets = _timm_setup("volo_d1_224", 224)
+    ref.train()
+    loss_t = SoftTargetCrossEntropy()(ref(torch.from_numpy(x)), torch.from_numpy(np.array(targets)))
+    loss_t.backward()
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    fn = jax.jit(lambda p, s, x, t: train_lib.loss_and_grads(graphdef, p, s, x, t))
+    loss, new_model_state, grads = fn(params, model_state, jnp.asarray(x.transpose(0, 2, 3, 1)), targets)
+    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-5)
+    _assert_grads_close(_torch_layout(nnx.merge(graphdef, grads, new_model_state)), ref.named_parameters())
+
+
 def test_gradients_and_batch_statistics_match_timm_vovnet():
     """ese_vovnet19b_dw in training mode: loss and every BatchNorm's updated running statistics of the whole network
     equal timm's, and the backward of each piece (stem convs, stages, head), fed timm's input and timm's output
