@@ -12,7 +12,8 @@ Per model, every measurement runs against timm on the same weights and inputs:
 - **training step** images/s at ``--train-batch``: forward, cross-entropy, backward, AdamW update; ours is
   ``volo_jax.train_lib.train_step`` jitted with the state donated (what ``train.py`` runs, mixup off), timm's is
   ``model.train()``, ``F.cross_entropy``, ``.backward()``, ``torch.optim.AdamW.step()``.
-- **compile**: wall time of our first jitted call (trace + XLA compile + run) for the inference batch and the step.
+- **compile**: wall time of our first jitted call (trace + lower + XLA compile + run) for the inference batch and
+  for the step; timm's ``torch.compile`` cold first call likewise.
 - **peak memory** of a steady-state training step, each framework alone in a fresh subprocess (``--no-memory``
   skips it): on CPU, after one step, the peak resident size during two more above the resident size before them
   (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``, minus ``VmRSS``: activations, gradients, workspace; the
@@ -138,9 +139,8 @@ def bench_inference(name: str, ref: Any, ours: Any, size: int, batch: int, args:
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     out: dict[str, float] = {}
 
-    lowered = fwd.lower(state, xj)
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
+    t0 = time.perf_counter()  # first call = trace + lower + XLA compile + run
+    compiled = fwd.lower(state, xj).compile()
     jax.block_until_ready(compiled(state, xj))
     out["compile_s"] = time.perf_counter() - t0 + 0.0
     cost = compiled.cost_analysis()
@@ -331,6 +331,10 @@ def run(args: argparse.Namespace) -> None:
 
     jax.config.update("jax_platforms", args.device)
     torch.set_num_threads(args.threads)
+    # torch.compile's first call is reported as a COLD compile: inductor's on-disk caches (which would make a second
+    # run of this command look nearly free) go to a fresh directory, removed at exit. JAX has no persistent cache on.
+    cache = tempfile.TemporaryDirectory(prefix="inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     if args._probe:
         _probe(args)
         return
