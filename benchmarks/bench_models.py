@@ -79,6 +79,21 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _interleaved_img_s(fns: dict[str, Callable[[], None]], batch: int, args: argparse.Namespace
+                       ) -> dict[str, float]:
+    """Images/s of each call: ``--warmup`` untimed rounds, then ``--repeats`` rounds calling every one in turn (so
+    load changes hit all alike), medians."""
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            time.sleep(args.settle_ms / 1e3)
+            times[k].append(_timed(fn))
+    return {k: batch / statistics.median(ts) for k, ts in times.items()}
+
+
 def _torch_device(args: argparse.Namespace) -> str:
     import torch
 
@@ -166,16 +181,7 @@ def bench_inference(name: str, ref: Any, ours: Any, size: int, batch: int, args:
 
         out["torch_compile_s"] = _timed(compiled_call)
         fns["timm_compile"] = compiled_call
-    for _ in range(args.warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            time.sleep(args.settle_ms / 1e3)
-            times[k].append(_timed(fn))
-    for k, ts in times.items():
-        out[f"{k}_img_s"] = batch / statistics.median(ts)
+    out.update({f"{k}_img_s": v for k, v in _interleaved_img_s(fns, batch, args).items()})
     return out
 
 
@@ -233,16 +239,7 @@ def bench_train(ref: Any, ours: Any, size: int, args: argparse.Namespace) -> dic
     ours_call = _ours_step(ours, batch, size)
     out = {"train_compile_s": _timed(ours_call)}
     fns = {"ours": ours_call, "timm": _timm_step(ref, batch, size, args)}
-    for _ in range(args.warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            time.sleep(args.settle_ms / 1e3)
-            times[k].append(_timed(fn))
-    for k, ts in times.items():
-        out[f"train_{k}_img_s"] = batch / statistics.median(ts)
+    out.update({f"train_{k}_img_s": v for k, v in _interleaved_img_s(fns, batch, args).items()})
     return out
 
 
@@ -357,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
             best = max(b["timm_img_s"], b.get("timm_compile_img_s", 0.0))
             inf_rows.append([name, str(batch), _fmt(b["ours_img_s"]), _fmt(b["timm_img_s"]),
                              _fmt(b.get("timm_compile_img_s")), f"{b['ours_img_s'] / best:.2f}x",
-                             _fmt(frac * 100 if frac else None, ".0f") + " %", _fmt(b["compile_s"]),
+                             f"{frac * 100:.0f} %" if frac else "-", _fmt(b["compile_s"]),
                              _fmt(b.get("torch_compile_s"))])
             print("  " + " | ".join(inf_rows[-1]), flush=True)
         if args.train_batch:

@@ -167,6 +167,24 @@ def _assert_grads_close(ours: dict[str, np.ndarray], named_params, prefix: str =
         assert err <= 1e-4 * gmax, f"{prefix}{k}: grad err {err:.3e} vs max {gmax:.3e}"
 
 
+def _assert_whole_network_gradients(name: str, size: int = 224) -> None:
+    """Training-mode forward and backward of the whole network on the same randomized weights and batch (smoothing
+    0.1, no mixup, drop path 0): the loss and every parameter's gradient equal timm's."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    ref, model, x, targets = _timm_setup(name, size)
+    ref.train()
+    logits_t = ref(torch.from_numpy(x))
+    assert logits_t.detach().std(dim=0).mean().item() > 1e-3, "logits do not vary across the batch"
+    loss_t = SoftTargetCrossEntropy()(logits_t, torch.from_numpy(np.array(targets)))
+    loss_t.backward()
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    fn = jax.jit(lambda p, s, x, t: train_lib.loss_and_grads(graphdef, p, s, x, t))
+    loss, new_model_state, grads = fn(params, model_state, jnp.asarray(x.transpose(0, 2, 3, 1)), targets)
+    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-5)
+    _assert_grads_close(_torch_layout(nnx.merge(graphdef, grads, new_model_state)), ref.named_parameters())
+
+
 def test_gradients_match_timm_convit():
     """Training-mode forward and backward of the whole network on the same weights and batch (smoothing 0.1, no
     mixup, drop path 0): the loss and the gradient of every parameter equal timm's.
@@ -175,33 +193,13 @@ def test_gradients_match_timm_convit():
     which turns float noise in near-zero gradients into full-size differences; the optimizer itself is compared
     with torch's AdamW above.
     """
-    from timm.loss import SoftTargetCrossEntropy
-
-    ref, model, x, targets = _timm_setup("convit_tiny", 224)
-    ref.train()
-    loss_t = SoftTargetCrossEntropy()(ref(torch.from_numpy(x)), torch.from_numpy(np.array(targets)))
-    loss_t.backward()
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    fn = jax.jit(lambda p, s, x, t: train_lib.loss_and_grads(graphdef, p, s, x, t))
-    loss, new_model_state, grads = fn(params, model_state, jnp.asarray(x.transpose(0, 2, 3, 1)), targets)
-    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-5)
-    _assert_grads_close(_torch_layout(nnx.merge(graphdef, grads, new_model_state)), ref.named_parameters())
+    _assert_whole_network_gradients("convit_tiny")
 
 
 def test_gradients_match_timm_volo():
     """VOLO-D1 in training mode (BatchNorm stem on batch statistics, outlook attention with its hand-written VJP,
     class attention, the aux-token term of the logits): the loss and every parameter's gradient equal timm's."""
-    from timm.loss import SoftTargetCrossEntropy
-
-    ref, model, x, targets = _timm_setup("volo_d1_224", 224)
-    ref.train()
-    loss_t = SoftTargetCrossEntropy()(ref(torch.from_numpy(x)), torch.from_numpy(np.array(targets)))
-    loss_t.backward()
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-    fn = jax.jit(lambda p, s, x, t: train_lib.loss_and_grads(graphdef, p, s, x, t))
-    loss, new_model_state, grads = fn(params, model_state, jnp.asarray(x.transpose(0, 2, 3, 1)), targets)
-    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-5)
-    _assert_grads_close(_torch_layout(nnx.merge(graphdef, grads, new_model_state)), ref.named_parameters())
+    _assert_whole_network_gradients("volo_d1_224")
 
 
 def test_gradients_and_batch_statistics_match_timm_vovnet():

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from volo_jax.data import _PIL_INTERPOLATION  # the filters by name, shared with the crop/resize transforms
+
 __all__ = [
     "LEVEL_DENOM",
     "RAND_INCREASING_TRANSFORMS",
@@ -43,14 +45,6 @@ __all__ = [
 LEVEL_DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude M maps to level M / 10 of each op's range
 _FILL = (128, 128, 128)  # timm's _FILL, used when hparams has no img_mean
 _RANDOM_INTERPOLATION = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)  # timm's _RANDOM_INTERPOLATION
-_PIL_INTERPOLATION = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 
 class AugmentConfigError(ValueError):

@@ -36,12 +36,13 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from volo_jax import auto_augment as _aa
+if TYPE_CHECKING:
+    from volo_jax import auto_augment as _aa  # imported where used: it takes its filter table from here
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -460,12 +461,16 @@ class TrainConfig:
 @functools.lru_cache(maxsize=32)
 def _rand_augment_cached(config_str: str, img_size: tuple[int, ...], mean: tuple[float, ...], interpolation: str
                          ) -> _aa.RandAugment:
+    from volo_jax import auto_augment as _aa
+
     return _aa.rand_augment_transform(config_str, _aa.train_hparams(img_size, mean, interpolation))
 
 
 def _rand_augment(cfg: TrainConfig) -> _aa.RandAugment:
     """timm's ``transforms_imagenet_train`` aa hparams: translate_const from the smaller side, the mean as fill,
     the train interpolation unless 'random' (then each geometric op picks bilinear/bicubic itself)."""
+    from volo_jax import auto_augment as _aa
+
     try:
         return _rand_augment_cached(cfg.auto_augment, tuple(int(v) for v in cfg.img_size),
                                     tuple(float(v) for v in cfg.mean), cfg.interpolation)
