@@ -20,8 +20,6 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -30,17 +28,9 @@ import numpy as np
 from flax import nnx
 
 import volo_jax
-from converters.readers import SUPPORTED_EXTENSIONS, read_checkpoint
-from converters.torch_to_flax import ConversionError
 from volo_jax import data, train_lib
-from volo_jax.checkpoint import TrainCheckpoints, is_converted_dir, read_config, write_atomic
-from volo_jax.hub import (
-    HF_SAFE_WEIGHTS_NAME,
-    HF_WEIGHTS_NAME,
-    infer_num_classes,
-    load_pretrained,
-    load_torch_state_dict,
-)
+from volo_jax.checkpoint import write_atomic
+from volo_jax.hub import load_model
 
 _logger = logging.getLogger("eval")
 
@@ -101,92 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- weights
-def _looks_like_orbax(path: Path) -> bool:
-    markers = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
-    dirs = [path, *(d for d in path.iterdir() if d.is_dir())]
-    return any((d / m).exists() for d in dirs for m in markers)
-
-
-def _training_checkpoint_meta(path: Path) -> dict[str, Any]:
-    ckpts, step = TrainCheckpoints.open_run(path)
-    try:
-        return ckpts.meta(step)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # orbax's own errors on a damaged or foreign directory: say what it was
-        raise ConversionError(f"--checkpoint {path}: not a readable orbax training checkpoint "
-                              f"({type(e).__name__}: {e})") from e
-
-
-def restore_training_checkpoint(model: nnx.Module, path: Path, *, use_ema: bool) -> None:
-    """Loads an orbax training checkpoint written by ``train.py`` into ``model`` (EMA weights with ``use_ema``).
-
-    ``path`` is the run's checkpoint directory (its latest complete step is used) or one step's subdirectory.
-    """
-    ckpts, step = TrainCheckpoints.open_run(path)
-    try:
-        meta = ckpts.restore_weights(model, step, use_ema=use_ema)
-    except (ConversionError, FileNotFoundError):
-        raise
-    except Exception as e:
-        raise ConversionError(f"--checkpoint {path}: the training checkpoint does not fit {model.model_name} "
-                              f"({type(e).__name__}: {e})") from e
-    trained = meta.get("model_name")
-    if trained and trained != getattr(model, "model_name", trained):
-        _logger.warning("%s was trained as %r, evaluated as %r", path, trained, model.model_name)
-
-
 def build_model(args: argparse.Namespace, img_size: tuple[int, int] | None, dtype: Any) -> nnx.Module:
-    """The model with ``--checkpoint`` / ``--pretrained`` weights; its class count is the checkpoint's.
-
-    Raises:
-        ConversionError: the weights do not fit the model (every problem listed), or ``--num-classes`` disagrees.
-        FileNotFoundError / ValueError: no such checkpoint, unknown model.
-    """
-    pretrained_cfg = volo_jax.get_pretrained_cfg(args.model)
-    kw = dict(img_size=img_size, dtype=dtype)
-    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else None
-    state_dict, ckpt_classes, weights_file = None, None, None
-    if ckpt is not None:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--checkpoint {ckpt}: no such file or directory")
-        if ckpt.is_dir() and not is_converted_dir(ckpt):
-            weights_file = next((ckpt / n for n in (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME) if (ckpt / n).is_file()),
-                                None)
-            if weights_file is None and not _looks_like_orbax(ckpt):
-                raise ConversionError(
-                    f"--checkpoint {ckpt} is a directory holding no weights: expected a directory from `python -m "
-                    f"converters` (config.json + model.safetensors), a timm/HF model directory "
-                    f"({HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME}) or an orbax training checkpoint")
-        elif ckpt.is_file():
-            if not ckpt.name.endswith(SUPPORTED_EXTENSIONS):
-                raise ConversionError(f"--checkpoint {ckpt}: unsupported file type; expected one of "
-                                      f"{', '.join(SUPPORTED_EXTENSIONS)} or a directory")
-            weights_file = ckpt
-        if weights_file is not None:
-            state_dict = read_checkpoint(weights_file, use_ema=args.use_ema)
-            ckpt_classes = infer_num_classes(state_dict, SimpleNamespace(pretrained_cfg=pretrained_cfg))
-        elif is_converted_dir(ckpt):
-            ckpt_classes = read_config(ckpt).get("num_classes")
-        else:  # an orbax training checkpoint: its meta item records the class count
-            ckpt_classes = _training_checkpoint_meta(ckpt).get("num_classes")
-    elif args.pretrained:
-        ckpt_classes = pretrained_cfg.get("num_classes")
-    if args.num_classes is not None and ckpt_classes is not None and args.num_classes != ckpt_classes:
-        raise ConversionError(f"--num-classes {args.num_classes} but the checkpoint's classifier has {ckpt_classes} "
-                              "classes: evaluating a randomly initialised head would give a meaningless number")
-    model = volo_jax.create_model(args.model, num_classes=args.num_classes or ckpt_classes, **kw)
-    if state_dict is not None:
-        load_torch_state_dict(model, state_dict, model_name=args.model, source=str(weights_file))
-    elif ckpt is not None and is_converted_dir(ckpt):
-        load_pretrained(model, ckpt, model_name=args.model, use_ema=args.use_ema)
-    elif ckpt is not None:
-        restore_training_checkpoint(model, ckpt, use_ema=args.use_ema)
-    elif args.pretrained:
-        load_pretrained(model, True, model_name=args.model, use_ema=args.use_ema)
-    else:
-        _logger.warning("No --checkpoint or --pretrained: evaluating RANDOM weights (only throughput means anything).")
-    return model
+    """The model with ``--checkpoint`` / ``--pretrained`` weights (:func:`volo_jax.hub.load_model`); its class count
+    is the checkpoint's."""
+    return load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                      num_classes=args.num_classes, img_size=img_size, dtype=dtype, use_ema=args.use_ema)
 
 
 # --------------------------------------------------------------------------- helpers

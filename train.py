@@ -61,15 +61,22 @@ class ConfigError(ValueError):
 
 def load_config(path: str | None) -> Any:
     """``get_config()`` of an ml_collections python file (default: ``configs/default.py``); every field it sets must
-    be one of the default config's (the flags below)."""
+    be one of the default config's (the flags below). ``FILE.py:ARG`` calls ``get_config(ARG)`` (ml_collections'
+    and big_vision's syntax for one file holding several variants, e.g. ``configs/volo_token_label.py:d2``)."""
     path = path or _DEFAULT_CONFIG
+    arg = None
+    if ":" in path and not os.path.exists(path):
+        path, arg = path.rsplit(":", 1)
     sys.path.insert(0, str(Path(__file__).parent))  # recipes import configs.default
     spec = importlib.util.spec_from_file_location("train_config", path)
-    if spec is None or spec.loader is None:
+    if spec is None or spec.loader is None or not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config() if arg is None else module.get_config(arg)
+    except ValueError as e:  # e.g. an unknown variant
+        raise ConfigError(f"--config {path}:{arg}: {e}") from None
     if path != _DEFAULT_CONFIG:  # a recipe may only set fields train.py knows: a typo must not be ignored silently
         known = set(load_config(_DEFAULT_CONFIG).keys())
         unknown = sorted(set(cfg.keys()) - known)
@@ -121,6 +128,24 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--log-every": ("log_every", int, "log metrics every N steps"),
     "--finetune": ("finetune", str, "start from this checkpoint (PyTorch file, converted dir or training run), "
                                     "resampling pos_embed / dropping a head of another size"),
+    "--token-label-data": ("token_label_data", str, "token-label store (python -m volo_jax.tools."
+                                                    "convert_token_labels or label_tokens) with a map per training "
+                                                    "image; implies --token-label"),
+    "--token-label-size": ("token_label_size", int, "side of the dense target grid (0: the model's aux token grid, "
+                                                    "14 at 224)"),
+    "--dense-weight": ("dense_weight", float, "token labeling: weight of the per-token (aux head) loss"),
+    "--cls-weight": ("cls_weight", float, "token labeling: weight of the class-token loss"),
+    "--token-label-crop": ("token_label_crop", str, "token labeling: 'tlt' cuts the crop out of the label maps as "
+                                                    "tlt does (transposed on the map; VOLO's released models were "
+                                                    "trained so), 'aligned' cuts the region the image crop covers"),
+}
+# on/off flags (--x / --no-x); None when not given, so the config file's value stays.
+BOOL_FLAGS: dict[str, tuple[str, str]] = {
+    "--token-label": ("token_label", "VOLO's token labeling objective: class-token loss + per-token loss of the aux "
+                                     "head, MixToken (VOLO models only)"),
+    "--ground-truth": ("ground_truth", "token labeling: mix the ground-truth label into the class target (the VOLO "
+                                       "fine-tuning recipes)"),
+    "--mix-token": ("mix_token", "token labeling: MixToken (cutmix on the token grid inside the model)"),
 }
 
 
@@ -136,6 +161,12 @@ def check_config(cfg: Any) -> None:
             raise ConfigError(f"--{name} {lo} {hi}: needs 0 < MIN <= MAX")
     if cfg.accum_steps < 1:
         raise ConfigError(f"accum_steps {cfg.accum_steps}: must be >= 1")
+    if cfg.token_label_data:
+        cfg.token_label = True  # the VOLO repo needs both flags; the data alone says what is meant
+    if cfg.token_label_crop not in ("tlt", "aligned"):
+        raise ConfigError(f"token_label_crop {cfg.token_label_crop!r}: 'tlt' or 'aligned'")
+    if cfg.token_label and cfg.dense_weight + cfg.cls_weight <= 0:
+        raise ConfigError(f"dense_weight {cfg.dense_weight} + cls_weight {cfg.cls_weight} must be > 0 (tlt asserts)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -158,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         names = [flag, "--batch-size"] if flag == "-b" else ([flag, "-j"] if flag == "--workers" else [flag])
         nargs = 2 if flag in ("--scale", "--ratio") else None
         p.add_argument(*names, dest=field, type=typ, default=None, help=help_, nargs=nargs)
+    for flag, (field, help_) in BOOL_FLAGS.items():
+        p.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_)
     p.add_argument("--no-resume", action="store_true", help="start over even if --output has checkpoints")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator address host:port")
     p.add_argument("--num-processes", type=int, default=None, help="multi-process: number of processes")
@@ -171,10 +204,37 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
-def _global_batch(local: dict[str, np.ndarray], sharding: Any) -> tuple[jax.Array, jax.Array]:
-    """Process-local rows -> one global array per field, split along the mesh's data axis."""
+def _global_batch(local: dict[str, np.ndarray], sharding: Any) -> tuple[Any, ...]:
+    """Process-local rows -> the train step's batch arguments, one global array per field split along the mesh's
+    data axis: ``(images, labels)``, and with token-label maps also ``{tl_scores, tl_indices, tl_box}``."""
     make = jax.make_array_from_process_local_data
-    return make(sharding, local["image"]), make(sharding, local["label"])
+    batch: tuple[Any, ...] = (make(sharding, local["image"]), make(sharding, local["label"]))
+    maps = {k: make(sharding, v) for k, v in local.items() if k.startswith("tl_")}
+    return batch + (maps,) if maps else batch
+
+
+def _token_labeling(cfg: Any, model: Any, num_classes: int) -> tuple[train_lib.TokenLabelConfig, Any]:
+    """The token-labeling settings for ``model`` and the opened token-label store (None without
+    ``token_label_data``). Raises ValueError with the reason when they cannot work."""
+    if not hasattr(model, "forward_train") or getattr(model, "aux_head", None) is None:
+        raise ValueError(f"--token-label needs a model with a class token and an aux head (VOLO), not {cfg.model}")
+    grid = tuple(model.pos_embed.get_value().shape[1:3])  # the aux head's token grid: one dense target per token
+    if grid[0] != grid[1]:
+        raise ValueError(f"token labeling needs a square token grid, {cfg.model} has {grid}")
+    size = cfg.token_label_size or grid[0]
+    if size != grid[0]:
+        raise ValueError(f"--token-label-size {size} does not match {cfg.model}'s {grid[0]}x{grid[1]} aux token grid "
+                         f"at this image size (use {grid[0]} or 0)")
+    store = None
+    if cfg.token_label_data:
+        from volo_jax.token_label_store import TokenLabelStore
+
+        store = TokenLabelStore(cfg.token_label_data)
+        if store.num_classes is not None and store.num_classes > num_classes:
+            raise ValueError(f"{cfg.token_label_data} labels {store.num_classes} classes, the model {num_classes}")
+    return train_lib.TokenLabelConfig(label_size=size, dense_weight=cfg.dense_weight, cls_weight=cfg.cls_weight,
+                                      ground_truth=cfg.ground_truth, mix_token=cfg.mix_token,
+                                      label_maps=store is not None, crop=cfg.token_label_crop), store
 
 
 def evaluate(graphdef: Any, states: tuple[Any, ...], source: Any, cfg: data.EvalConfig, global_batch: int,
@@ -390,6 +450,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     eval_cfg = data.resolve_eval_config(data_cfg, input_size=(3, *size))
+    token_label, store = None, None
+    if cfg.token_label:
+        try:
+            token_label, store = _token_labeling(cfg, model, num_classes)
+        except ValueError as e:  # not a VOLO model, a grid mismatch, a bad or incomplete store
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:  # before any state or checkpoint exists: the stream's checks (e.g. token-label maps for every image)
+        train_it, loader = data.train_batches(train_source, train_cfg, global_batch, seed=cfg.seed,
+                                              process_index=jax.process_index(), process_count=jax.process_count(),
+                                              workers=cfg.workers, token_labels=store)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # 2. optimizer, state, checkpoints
     opt_cfg = train_lib.OptimizerConfig(
@@ -410,10 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = train_lib.MixConfig(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                               switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
                               num_classes=num_classes)
-    step_fn = train_lib.jit_train_step(graphdef, tx, mix, cfg.model_ema_decay, mesh)
-    train_it, loader = data.train_batches(train_source, train_cfg, global_batch, seed=cfg.seed,
-                                          process_index=jax.process_index(), process_count=jax.process_count(),
-                                          workers=cfg.workers)
+    step_fn = train_lib.jit_train_step(graphdef, tx, mix, cfg.model_ema_decay, mesh, token_label)
     if data_state is not None:
         train_it.set_state(data_state)
     writers = Writers(out, _is_main(), start=int(state.step))
@@ -436,8 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     shard = train_lib.batch_sharded(mesh)
     t0, seen = time.perf_counter(), 0
     for step in bar:
-        x, y = _global_batch(next(train_it), shard)
-        state, metrics = step_fn(state, x, y)
+        state, metrics = step_fn(state, *_global_batch(next(train_it), shard))
         seen += global_batch
         done = step + 1
         if done % cfg.log_every == 0 or done == last:

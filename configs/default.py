@@ -40,6 +40,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.scale = (0.08, 1.0)  # random-resized-crop area fraction
     c.ratio = (3.0 / 4.0, 4.0 / 3.0)  # random-resized-crop aspect ratio
     c.train_interpolation = "random"
+    # token labeling (VOLO's objective; the VOLO repo's flags). Needs a VOLO model.
+    c.token_label = False  # class-token loss + per-token (aux head) loss, MixToken
+    c.token_label_data = ""  # token-label store (python -m volo_jax.tools.convert_token_labels / label_tokens);
+    #                          empty with token_label: every token's target is the image's class target
+    c.token_label_size = 0  # side of the dense target grid; 0: the model's aux token grid (14 at 224)
+    c.dense_weight = 0.5
+    c.cls_weight = 1.0
+    c.ground_truth = False  # mix the ground truth into the class target (the VOLO fine-tuning recipes)
+    c.mix_token = True
+    c.token_label_crop = "tlt"  # "tlt": the crop box read as tlt reads it (transposed on the map); "aligned": as the
+    #                             image was cropped (see volo_jax.token_label.token_label_targets)
     # run
     c.seed = 42
     c.workers = 4

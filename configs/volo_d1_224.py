@@ -1,4 +1,4 @@
-"""VOLO-D1 at 224 on ImageNet, the VOLO README's recipe without token labeling (issue 5 adds it).
+"""VOLO-D1 at 224 on ImageNet, the VOLO README's recipe without token labeling (with it: volo_token_label.py:d1).
 
     python train.py /path/to/imagenet --config configs/volo_d1_224.py
 

@@ -117,7 +117,9 @@ def _unsafe_globals(path: Path, error: str) -> list[str]:
     return sorted(set(found) - {"argparse.Namespace"})  # allow-listed by us
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load_safe(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with a clear error for a blocked (possibly malicious) or
+    damaged pickle (:class:`CheckpointError`)."""
     try:
         import torch
     except ImportError as e:
@@ -176,7 +178,7 @@ def read_checkpoint(path: str | os.PathLike, *, use_ema: bool = False) -> dict[s
     if name.endswith(SAFETENSORS_EXTENSIONS):
         state_dict = _read_safetensors(path)
     elif name.endswith(TORCH_EXTENSIONS):
-        checkpoint = _torch_load(path)
+        checkpoint = torch_load_safe(path)
         raw, container = _unwrap(checkpoint, use_ema=use_ema, path=path)
         state_dict = _to_numpy_dict(raw, path=path, container=container)
         _logger.info("Read %d tensors%s from %s.", len(state_dict), f" ('{container}')" if container else "", path)

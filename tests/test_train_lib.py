@@ -202,6 +202,72 @@ def test_gradients_match_timm_volo():
     _assert_whole_network_gradients("volo_d1_224")
 
 
+@pytest.mark.slow
+def test_token_labeling_loss_and_gradients_match_timm_and_tlt(monkeypatch):
+    """VOLO's whole training objective against the references, end to end: timm's VOLO-D1 ``forward_train`` with
+    MixToken (training mode), tlt's dense targets from random top-k label maps and crop boxes, and tlt's
+    ``TokenLabelCrossEntropy`` (dense weight 0.5, ``--ground-truth``) give the loss and every parameter gradient of
+    our ``loss_and_grads(token_label=...)`` on the same weights, batch and box. (The loss without the ground-truth
+    correction is compared with tlt's in test_token_label.py.)"""
+    ground_truth = True
+    import importlib.util
+    from pathlib import Path
+
+    import timm.models.volo as tvolo
+
+    from volo_jax import token_label as tl
+    from volo_jax.models import volo as jvolo
+
+    tlt_loss = pytest.importorskip("tlt.loss")
+    spec = importlib.util.find_spec("tlt")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mixup.py"
+    mod_spec = importlib.util.spec_from_file_location("_tlt_mixup", path)
+    tlt_mixup = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(tlt_mixup)
+
+    torch.manual_seed(0)
+    ref = randomize_timm_model(timm.create_model("volo_d1_224", num_classes=10, use_mix_token=True), seed=1)
+    model = volo_jax.create_model("volo_d1_224", num_classes=10)
+    nnx.update(model, convert_state_dict(timm_state_dict_numpy(ref), model))
+    x = make_inputs(4, 3, 224, seed=5)
+    rng = np.random.default_rng(6)
+    B, k, H, W, C = 4, 3, 15, 15, 10
+    scores = (rng.normal(size=(B, k, H, W)) * 3 + 8).astype(np.float32)
+    indices = np.argsort(rng.random((B, C, H, W)), axis=1)[:, :k].astype(np.int32)
+    boxes = np.stack([rng.uniform(0, 0.4, B), rng.uniform(0, 0.4, B), rng.uniform(0.3, 0.6, B),
+                      rng.uniform(0.3, 0.6, B)], axis=1).astype(np.float32)  # (top, left, h, w) fractions
+    labels = np.array([1, 4, 4, 9])
+    targets = tl.token_label_targets(scores, indices, boxes, labels, num_classes=C, label_size=14, smoothing=0.1)
+
+    # tlt's targets from its own (B, 3, k, H, W) tensor: maps, then coords at [:, 2, 0, 0, :4], ground truth at [5]
+    packed = np.zeros((B, 3, k, H, W), np.float32)
+    packed[:, 0], packed[:, 1] = scores, indices
+    packed[:, 2, 0, 0, :4], packed[:, 2, 0, 0, 5] = boxes, labels
+    targets_t = tlt_mixup.mixup_target(torch.from_numpy(packed), C, 1.0, 0.1, device="cpu", label_size=14)
+    np.testing.assert_allclose(np.asarray(targets), targets_t.numpy().transpose(0, 2, 1), atol=1e-5)
+
+    # the MixToken box our forward_train draws from `key`, handed to timm's forward_train
+    key = jax.random.key(11)
+    k_lam, k_box = jax.random.split(key)
+    box = tuple(int(v) for v in jvolo.rand_bbox(k_box, (14, 14), jax.random.beta(k_lam, 1.0, 1.0)))
+    assert box[2] > box[0] and box[3] > box[1], "an empty box would not test MixToken"
+    monkeypatch.setattr(tvolo, "rand_bbox", lambda size, lam, scale=1: box)
+    ref.train()
+    cls_t, aux_t, box_t = ref.forward_train(torch.from_numpy(x))
+    cls_t = ref.head(cls_t)  # timm 1.0 returns the pooled token without the head; the original VOLO applies it
+    assert cls_t.detach().std(dim=0).mean().item() > 1e-3, "logits do not vary across the batch"
+    crit = tlt_loss.TokenLabelCrossEntropy(dense_weight=0.5, cls_weight=1.0, ground_truth=ground_truth)
+    loss_t = crit((cls_t, aux_t, box_t), targets_t)
+    loss_t.backward()
+
+    cfg = train_lib.TokenLabelConfig(label_size=14, dense_weight=0.5, cls_weight=1.0, ground_truth=ground_truth)
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    fn = jax.jit(lambda p, s, x, t: train_lib.loss_and_grads(graphdef, p, s, x, t, token_label=cfg, key=key))
+    loss, new_model_state, grads = fn(params, model_state, jnp.asarray(x.transpose(0, 2, 3, 1)), targets)
+    assert float(loss) == pytest.approx(loss_t.item(), rel=1e-5)
+    _assert_grads_close(_torch_layout(nnx.merge(graphdef, grads, new_model_state)), ref.named_parameters())
+
+
 def test_gradients_and_batch_statistics_match_timm_vovnet():
     """ese_vovnet19b_dw in training mode: loss and every BatchNorm's updated running statistics of the whole network
     equal timm's, and the backward of each piece (stem convs, stages, head), fed timm's input and timm's output

@@ -21,6 +21,7 @@ Per image (timm's ``RandAugment.__call__`` then ``AugmentOp.__call__``):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ __all__ = [
     "RAND_TRANSFORMS",
     "AugmentConfigError",
     "AugmentOp",
+    "LabelMaps",
     "RandAugment",
     "rand_augment_transform",
+    "label_op",
     "train_hparams",
 ]
 
@@ -279,6 +282,55 @@ def _resample(value: Any) -> int | None:
     return int(value)
 
 
+# --------------------------------------------------------------------------- token-label maps
+# Token labeling (TokenLabeling's ``tlt/data/random_augment_label.py``) moves the dense label maps with the image for
+# the spatial ops, nearest-neighbour on the small (H, W) grid: ``scipy.ndimage.affine_transform`` of the scores
+# (outside: 0) and of the class indices (outside: the nearest edge index). The matrices below are tlt's, in array
+# (row, col) coordinates: ``(a, b, c, d, e, f)`` maps an output position to ``row = a*r + b*c' + c``,
+# ``col = d*r + e*c' + f``; e.g. tlt's ShearX moves columns by ``factor * row``, as PIL's ShearX does to x.
+LabelMaps = tuple[np.ndarray, np.ndarray]  # (scores (k, H, W) float32, class indices (k, H, W) int32)
+
+
+def _affine_label(label: LabelMaps, matrix: Sequence[float]) -> LabelMaps:
+    from scipy import ndimage  # a jax dependency; imported where used
+
+    a, b, c, d, e, f = matrix
+    m = np.asarray([[1, 0, 0, 0], [0, a, b, c], [0, d, e, f]], np.float64)  # k axis untouched; homogeneous form
+    scores, indices = label
+    return (ndimage.affine_transform(scores, m, order=0, mode="constant"),
+            ndimage.affine_transform(indices, m, order=0, mode="nearest"))
+
+
+def _rotate_label(label: LabelMaps, degrees: float) -> LabelMaps:
+    # tlt's rotate_label: ``_, _, w, h = label.size()`` names the row count w; the centre is (rows/2, cols/2) and the
+    # angle is +degrees in (row, col) space, which turns the map the way PIL's rotate(degrees) turns the image.
+    rows, cols = label[0].shape[1:]
+    angle = math.radians(degrees)
+    a, b, d, e = (round(math.cos(angle), 15), round(math.sin(angle), 15), round(-math.sin(angle), 15),
+                  round(math.cos(angle), 15))
+    cr, cc = rows / 2.0, cols / 2.0
+    c = a * -cr + b * -cc + cr
+    f = d * -cr + e * -cc + cc
+    return _affine_label(label, (a, b, c, d, e, f))
+
+
+_LABEL_OPS: dict[str, Callable[[LabelMaps, float], LabelMaps]] = {
+    "Rotate": _rotate_label,
+    "ShearX": lambda label, factor: _affine_label(label, (1, 0, 0, factor, 1, 0)),
+    "ShearY": lambda label, factor: _affine_label(label, (1, factor, 0, 0, 1, 0)),
+    "TranslateXRel": lambda label, pct: _affine_label(label, (1, 0, 0, 0, 1, pct * label[0].shape[2])),
+    "TranslateYRel": lambda label, pct: _affine_label(label, (1, 0, pct * label[0].shape[1], 0, 1, 0)),
+}
+
+
+def label_op(name: str, label: LabelMaps, arg: float | None) -> LabelMaps:
+    """The token-label side of op ``name`` at argument ``arg`` (tlt's ``NAME_TO_LABELOP``): rotate, shear and the
+    relative translations move the maps; every other op (colour ops, and the absolute translations, which tlt leaves
+    alone too) returns them unchanged."""
+    fn = _LABEL_OPS.get(name)
+    return label if fn is None or arg is None else fn(label, arg)
+
+
 # --------------------------------------------------------------------------- AugmentOp / RandAugment
 @dataclass(frozen=True)
 class AugmentOp:
@@ -336,10 +388,11 @@ class AugmentOp:
             raise ValueError(f"{self.name}: interpolation is random; pass resample=")
         return spec.fn(img, *args, self.fill, resample)
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        # timm's draw order: apply?, magnitude noise, sign, filter.
+    def _draw(self, rng: np.random.Generator) -> tuple[float, bool, int | None] | None:
+        """One application's random choices, in timm's draw order: apply?, magnitude noise, sign, filter.
+        None when the op is skipped."""
         if self.prob < 1.0 and rng.random() > self.prob:
-            return img
+            return None
         magnitude = self.sample_magnitude(rng)
         spec = _OPS[self.name]
         negate = bool(rng.random() > 0.5) if spec.signed else False
@@ -348,7 +401,26 @@ class AugmentOp:
             resample = _resample(self.hparams.get("interpolation"))
             if resample is None:
                 resample = _RANDOM_INTERPOLATION[int(rng.integers(len(_RANDOM_INTERPOLATION)))]
+        return magnitude, negate, resample
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        draw = self._draw(rng)
+        if draw is None:
+            return img
+        magnitude, negate, resample = draw
         return self.apply(img, magnitude, negate=negate, resample=resample)
+
+    def apply_with_label(self, img: Image.Image, label: LabelMaps, rng: np.random.Generator
+                         ) -> tuple[Image.Image, LabelMaps]:
+        """TokenLabeling's ``AugmentOp.__call__(img, label)``: the image op as :meth:`__call__` (same draws), and
+        the spatial ops (rotate, shear, relative translate) applied to the token-label maps with the same argument,
+        nearest-neighbour (:func:`label_op`); the other ops leave the maps as they are."""
+        draw = self._draw(rng)
+        if draw is None:
+            return img, label
+        magnitude, negate, resample = draw
+        return (self.apply(img, magnitude, negate=negate, resample=resample),
+                label_op(self.name, label, self.level_arg(magnitude, negate)))
 
 
 @dataclass(frozen=True)
@@ -360,14 +432,24 @@ class RandAugment:
     num_layers: int = 2
     choice_weights: tuple[float, ...] | None = None
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def _choose(self, rng: np.random.Generator) -> list[AugmentOp]:
         if self.num_layers <= 0:
-            return img
+            return []
         p = None if self.choice_weights is None else np.asarray(self.choice_weights)
-        chosen = rng.choice(len(self.ops), self.num_layers, replace=p is None, p=p)
-        for i in chosen:
-            img = self.ops[int(i)](img, rng)
+        return [self.ops[int(i)] for i in rng.choice(len(self.ops), self.num_layers, replace=p is None, p=p)]
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        for op in self._choose(rng):
+            img = op(img, rng)
         return img
+
+    def apply_with_label(self, img: Image.Image, label: LabelMaps, rng: np.random.Generator
+                         ) -> tuple[Image.Image, LabelMaps]:
+        """TokenLabeling's label-aware ``RandAugment``: the same ops and draws as :meth:`__call__`, each spatial op
+        also moving the token-label maps (see :meth:`AugmentOp.apply_with_label`)."""
+        for op in self._choose(rng):
+            img, label = op.apply_with_label(img, label, rng)
+        return img, label
 
 
 def train_hparams(img_size: int | Sequence[int], mean: Sequence[float], interpolation: str | None = "random"

@@ -375,8 +375,11 @@ class TrainCheckpoints:
 
     @classmethod
     def open_run(cls, path: str | os.PathLike) -> tuple[TrainCheckpoints, int | None]:
-        """Read-only checkpoints of a run directory (step None: the latest) or of one step's subdirectory."""
+        """Read-only checkpoints of a run (``train.py --output``) or its ``checkpoints`` directory (step None: the
+        latest), or of one step's subdirectory."""
         path = Path(path)
+        if (path / "checkpoints").is_dir():  # train.py's --output: the checkpoints live one level down
+            path = path / "checkpoints"
         if path.name.isdigit():
             return cls(path.parent, read_only=True), int(path.name)
         return cls(path, read_only=True), None

@@ -58,6 +58,8 @@ __all__ = [
     "eval_transform",
     "random_erasing",
     "random_resized_crop_params",
+    "token_label_key",
+    "token_label_train_transform",
     "train_batches",
     "train_transform",
     "find_images",
@@ -566,21 +568,88 @@ def train_transform(img: Image.Image, cfg: TrainConfig, rng: np.random.Generator
     return random_erasing(x, rng, cfg.reprob) if cfg.reprob > 0 else x
 
 
-class _TrainExample:
-    """``(index, rng) -> {'image', 'label'}``, or None (dropped by grain) for an image that cannot be decoded; the
-    skipped files are recorded in ``skipped`` (thread-safe: grain decodes in threads)."""
+def token_label_train_transform(img: Image.Image, label_maps: tuple[np.ndarray, np.ndarray], cfg: TrainConfig,
+                                rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray],
+                                                                   np.ndarray]:
+    """TokenLabeling's train transform (``tlt`` ``transforms_imagenet_train``) of an image and its token-label maps.
 
-    def __init__(self, source: Source, cfg: TrainConfig):
+    Its order differs from timm's: horizontal flip of the image and the maps, RandAugment on the WHOLE image with
+    the spatial ops also moving the maps (:meth:`volo_jax.auto_augment.RandAugment.apply_with_label`), and the
+    random-resized crop LAST, so that its box, as fractions of the whole image, can later cut the same region out of
+    the maps (:func:`volo_jax.token_label.token_label_targets`); then normalize and random erasing (image only).
+
+    Args:
+        img: the decoded image.
+        label_maps: ``(scores (k, h, w), class indices (k, h, w))`` covering the whole image.
+        cfg: the train config (``img_size``, ``scale``, ``ratio``, ``hflip``, ``auto_augment``, ``reprob``, ...).
+        rng: every random draw comes from it.
+
+    Returns:
+        ``(image (H, W, 3) float32, (scores, indices) as moved, box float32 (4,))``; the box is tlt's crop coordinates
+        ``(top / img_h, left / img_w, crop_h / img_h, crop_w / img_w)``.
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    scores, indices = np.asarray(label_maps[0], np.float32), np.asarray(label_maps[1], np.int32)
+    if rng.random() < cfg.hflip:  # tlt's RandomHorizontalFlipWithLabel: the image and the maps' last axis
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        scores, indices = scores[..., ::-1], indices[..., ::-1]
+    augment = cfg.rand_augment
+    if augment is not None:
+        img, (scores, indices) = augment.apply_with_label(img, (scores, indices), rng)
+    top, left, h, w = random_resized_crop_params(rng, img.width, img.height, cfg.scale, cfg.ratio)
+    box = np.asarray([top / img.height, left / img.width, h / img.height, w / img.width], np.float32)
+    interp = cfg.interpolation
+    if interp == "random":
+        interp = ("bilinear", "bicubic")[int(rng.integers(2))]
+    x = crop_resize_flip_normalize(img, (top, left, h, w), cfg.img_size, interp, False, cfg.mean, cfg.std)
+    if cfg.reprob > 0:
+        x = random_erasing(x, rng, cfg.reprob)
+    return x, (np.ascontiguousarray(scores), np.ascontiguousarray(indices)), box
+
+
+def token_label_key(source: Source, index: int) -> str:
+    """The key of example ``index`` in a token-label store: tlt's ``'/'.join(path.split('/')[-2:]).split('.')[0]``,
+    i.e. ``<class folder>/<file name up to its first dot>`` (``n01440764/n01440764_10026``). For a tfds source:
+    ``<class name>/<file_name up to its first dot>`` (imagenet2012 records carry ``file_name``)."""
+    from volo_jax.token_label_store import image_key  # the one place tlt's key rule is written
+
+    if isinstance(source, ImageFolderSource):
+        return image_key(os.path.relpath(source.samples[index][0], source.root))
+    if isinstance(source, TfdsSource):
+        record = source.ds[index]
+        file_name = record.get("file_name") if hasattr(record, "get") else None
+        if file_name is None:
+            raise DataError(f"tfds dataset {source.name_!r} has no file_name feature: its examples cannot be matched "
+                            "to token-label maps")
+        file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+        label = int(record[source.label_key])
+        cls = source.classes[label] if label < len(source.classes) else str(label)
+        return image_key(f"{cls}/{file_name}")
+    raise DataError(f"token labels need a folder or tfds source, not {type(source).__name__}")
+
+
+class _TrainExample:
+    """``(index, rng) -> {'image', 'label'}`` (with token labels also ``tl_scores``, ``tl_indices``, ``tl_box``),
+    or None (dropped by grain) for an image that cannot be decoded; the skipped files are recorded in ``skipped``
+    (thread-safe: grain decodes in threads)."""
+
+    def __init__(self, source: Source, cfg: TrainConfig, token_labels: Any = None):
         import threading
 
-        self.source, self.cfg = source, cfg
+        self.source, self.cfg, self.token_labels = source, cfg, token_labels
+        self.keys = None if token_labels is None else [token_label_key(source, i) for i in range(len(source))]
         self.skipped: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
         try:
             img, label = self.source.load(int(index))
-            return {"image": train_transform(img, self.cfg, rng), "label": np.int32(label)}
+            if self.token_labels is None:
+                return {"image": train_transform(img, self.cfg, rng), "label": np.int32(label)}
+            maps = self.token_labels.lookup(self.keys[int(index)])
+            x, (scores, indices), box = token_label_train_transform(img, maps, self.cfg, rng)
+            return {"image": x, "label": np.int32(label), "tl_scores": scores, "tl_indices": indices, "tl_box": box}
         except DECODE_ERRORS as e:  # a corrupted file must not stop a run: skipped and counted
             with self._lock:
                 self.skipped[self.source.name(int(index))] = f"{type(e).__name__}: {e}"
@@ -615,7 +684,7 @@ def _process_blocks(parent: Any, local: int, process_index: int, process_count: 
 
 
 def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: int, process_index: int = 0,
-                  process_count: int = 1, workers: int = 4) -> tuple[Any, _TrainExample]:
+                  process_count: int = 1, workers: int = 4, token_labels: Any = None) -> tuple[Any, _TrainExample]:
     """An endless, checkpointable iterator of this process's training batches, and its example loader.
 
     The example order is a permutation of the dataset drawn from ``seed``, a new one every epoch, cut into global
@@ -624,6 +693,13 @@ def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: 
     global batches do not depend on the number of processes or decoding threads, and ``iterator.get_state()`` /
     ``set_state()`` (grain) resume it exactly. Undecodable images are dropped (``loader.skipped`` names them);
     batches stay full.
+
+    With ``token_labels`` (a :class:`volo_jax.token_label_store.TokenLabelStore`) each example is transformed the
+    TokenLabeling way (:func:`token_label_train_transform`) and also carries its moved label maps and crop box.
+
+    Raises:
+        DataError: a batch that does not split across processes, fewer images than one batch.
+        TokenLabelError: ``token_labels`` has no maps for some training images (named).
     """
     import grain
 
@@ -632,7 +708,9 @@ def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: 
     if len(source) < global_batch:
         raise DataError(f"{len(source)} training images, fewer than one global batch of {global_batch}")
     local = global_batch // process_count
-    loader = _TrainExample(source, cfg)
+    loader = _TrainExample(source, cfg, token_labels)
+    if token_labels is not None:
+        token_labels.check_covers(loader.keys)  # every image must have its maps: fail now, not mid-epoch
     # Augmentation is keyed by the position in the global stream (random_map before the split), and each process
     # takes its block of every global batch, so P processes feed exactly the global batches one process would.
     stream = (grain.MapDataset.source(list(range(len(source)))).shuffle(seed=seed).repeat()

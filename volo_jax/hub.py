@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "classifier_prefixes",
     "download_weights",
     "infer_num_classes",
+    "load_model",
     "load_pretrained",
     "load_torch_state_dict",
 ]
@@ -242,3 +244,113 @@ def _timm_architecture(directory: Path) -> str | None:
     if not isinstance(config, dict):
         return None
     return config.get("architecture") or (config.get("pretrained_cfg") or {}).get("architecture")
+
+
+# --------------------------------------------------------------------------- any checkpoint
+def _looks_like_orbax(path: Path) -> bool:
+    markers = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
+    if (path / "checkpoints").is_dir():  # a train.py run directory
+        path = path / "checkpoints"
+    dirs = [path, *(d for d in path.iterdir() if d.is_dir())]
+    return any((d / m).exists() for d in dirs for m in markers)
+
+
+def _training_checkpoint_meta(path: Path) -> dict[str, Any]:
+    from volo_jax.checkpoint import TrainCheckpoints
+
+    ckpts, step = TrainCheckpoints.open_run(path)
+    try:
+        return ckpts.meta(step)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # orbax's own errors on a damaged or foreign directory: say what it was
+        raise ConversionError(f"--checkpoint {path}: not a readable orbax training checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def restore_training_checkpoint(model: nnx.Module, path: Path, *, use_ema: bool) -> None:
+    """Loads an orbax training checkpoint written by ``train.py`` into ``model`` (EMA weights with ``use_ema``).
+
+    ``path`` is the run's checkpoint directory (its latest complete step is used) or one step's subdirectory.
+    """
+    from volo_jax.checkpoint import TrainCheckpoints
+
+    ckpts, step = TrainCheckpoints.open_run(path)
+    try:
+        meta = ckpts.restore_weights(model, step, use_ema=use_ema)
+    except (ConversionError, FileNotFoundError):
+        raise
+    except Exception as e:
+        raise ConversionError(f"--checkpoint {path}: the training checkpoint does not fit {model.model_name} "
+                              f"({type(e).__name__}: {e})") from e
+    trained = meta.get("model_name")
+    if trained and trained != getattr(model, "model_name", trained):
+        _logger.warning("%s was trained as %r, loaded as %r", path, trained, model.model_name)
+
+
+def load_model(model_name: str, checkpoint: str | os.PathLike | None = None, *, pretrained: bool = False,
+               num_classes: int | None = None, img_size: tuple[int, int] | None = None, dtype: Any = None,
+               use_ema: bool = False) -> nnx.Module:
+    """A model with weights from any checkpoint we read, its class count the checkpoint's (``eval.py --checkpoint``).
+
+    Args:
+        model_name: registry name (``volo_d1_224``).
+        checkpoint: a PyTorch/safetensors file, a timm/HF model directory, a ``python -m converters`` directory, or a
+            ``train.py`` run / orbax step directory; None for ``pretrained`` or random weights.
+        pretrained: the released weights through the hub cache when ``checkpoint`` is None.
+        num_classes: expected class count (None: the checkpoint's); a mismatch is an error.
+        img_size: input size to build at (None: the model's default); position embeddings are resampled.
+        dtype: compute dtype.
+        use_ema: the EMA weights of a checkpoint that has them.
+
+    Raises:
+        ConversionError: the weights do not fit the model (every problem listed), or ``--num-classes`` disagrees.
+        FileNotFoundError / ValueError: no such checkpoint, unknown model.
+    """
+    import volo_jax
+    from converters.readers import SUPPORTED_EXTENSIONS
+
+    pretrained_cfg = volo_jax.get_pretrained_cfg(model_name)
+    kw = dict(img_size=img_size, dtype=dtype)
+    ckpt = Path(checkpoint).expanduser() if checkpoint else None
+    state_dict, ckpt_classes, weights_file = None, None, None
+    if ckpt is not None:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--checkpoint {ckpt}: no such file or directory")
+        if ckpt.is_dir() and not is_converted_dir(ckpt):
+            weights_file = next((ckpt / n for n in (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME) if (ckpt / n).is_file()),
+                                None)
+            if weights_file is None and not _looks_like_orbax(ckpt):
+                raise ConversionError(
+                    f"--checkpoint {ckpt} is a directory holding no weights: expected a directory from `python -m "
+                    f"converters` (config.json + model.safetensors), a timm/HF model directory "
+                    f"({HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME}) or an orbax training checkpoint")
+        elif ckpt.is_file():
+            if not ckpt.name.endswith(SUPPORTED_EXTENSIONS):
+                raise ConversionError(f"--checkpoint {ckpt}: unsupported file type; expected one of "
+                                      f"{', '.join(SUPPORTED_EXTENSIONS)} or a directory")
+            weights_file = ckpt
+        if weights_file is not None:
+            state_dict = read_checkpoint(weights_file, use_ema=use_ema)
+            ckpt_classes = infer_num_classes(state_dict, SimpleNamespace(pretrained_cfg=pretrained_cfg))
+        elif is_converted_dir(ckpt):
+            ckpt_classes = read_config(ckpt).get("num_classes")
+        else:  # an orbax training checkpoint: its meta item records the class count
+            ckpt_classes = _training_checkpoint_meta(ckpt).get("num_classes")
+    elif pretrained:
+        ckpt_classes = pretrained_cfg.get("num_classes")
+    if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
+        raise ConversionError(f"--num-classes {num_classes} but the checkpoint's classifier has {ckpt_classes} "
+                              "classes: evaluating a randomly initialised head would give a meaningless number")
+    model = volo_jax.create_model(model_name, num_classes=num_classes or ckpt_classes, **kw)
+    if state_dict is not None:
+        load_torch_state_dict(model, state_dict, model_name=model_name, source=str(weights_file))
+    elif ckpt is not None and is_converted_dir(ckpt):
+        load_pretrained(model, ckpt, model_name=model_name, use_ema=use_ema)
+    elif ckpt is not None:
+        restore_training_checkpoint(model, ckpt, use_ema=use_ema)
+    elif pretrained:
+        load_pretrained(model, True, model_name=model_name, use_ema=use_ema)
+    else:
+        _logger.warning("%s: no checkpoint and not pretrained: RANDOM weights.", model_name)
+    return model

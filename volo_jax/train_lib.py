@@ -16,7 +16,10 @@ Semantics follow timm's ``train.py`` where a choice exists:
   ``no_weight_decay()``), optional global-norm clipping and gradient accumulation (``optax.MultiSteps``);
 - mixup/cutmix: ``timm.data.Mixup`` in ``mode='batch'`` (one ``lam`` per batch, mixed with the flipped batch, cutmix
   box with ``correct_lam``), label smoothing folded into the targets, ``SoftTargetCrossEntropy``;
-- EMA of the weights as ``timm.utils.ModelEmaV3`` without warmup: ``ema = decay * ema + (1 - decay) * params``.
+- EMA of the weights as ``timm.utils.ModelEmaV3`` without warmup: ``ema = decay * ema + (1 - decay) * params``;
+- token labeling (VOLO's objective, the VOLO repo's ``--token-label``): dense per-token targets from the token-label
+  maps and the crop box (:mod:`volo_jax.token_label`), mixup/cutmix of the images with the label maps mixed like
+  ``tlt``'s ``TokenLabelMixup``, MixToken inside the model (``VOLO.forward_train``), ``TokenLabelCrossEntropy``.
 """
 
 from __future__ import annotations
@@ -126,6 +129,33 @@ class MixConfig:
         return self.mixup_alpha > 0.0 or self.cutmix_alpha > 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLabelConfig:
+    """VOLO's token-labeling objective (the VOLO repo's flags, its defaults).
+
+    Attributes:
+        label_size: ``--token-label-size``, the side of the dense target grid; it must be the model's aux token grid
+            (14 for VOLO at 224, 24 at 384, 28 at 448, 32 at 512).
+        dense_weight: ``--dense-weight``, weight of the per-token (aux head) loss.
+        cls_weight: ``--cls-weight``, weight of the class-token loss.
+        ground_truth: ``--ground-truth``, mix the ground-truth label into the class target (fine-tuning).
+        mix_token: MixToken in the forward pass (the original VOLO trains with it on).
+        label_maps: the batch carries token-label maps (``--token-label-data``); False: tlt's fallback that uses
+            the (smoothed, mixed) class target for every token.
+        crop: how the crop box cuts the maps: ``'tlt'`` exactly as tlt (transposed on the map, what VOLO's released
+            models were trained with) or ``'aligned'`` (the region the image crop covers); see
+            :func:`volo_jax.token_label.token_label_targets`.
+    """
+
+    label_size: int = 14
+    dense_weight: float = 0.5
+    cls_weight: float = 1.0
+    ground_truth: bool = False
+    mix_token: bool = True
+    label_maps: bool = True
+    crop: str = "tlt"
+
+
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
     """timm's one-hot with label smoothing: ``1 - s + s / C`` on the label, ``s / C`` elsewhere."""
     off = smoothing / num_classes
@@ -226,16 +256,27 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, s
 
 
 def loss_and_grads(graphdef: nnx.GraphDef, params: Any, model_state: Any, images: jax.Array,
-                   targets: jax.Array) -> tuple[jax.Array, Any, Any]:
-    """Training-mode forward and backward: mean soft-target cross-entropy, the updated non-parameter state
-    (BatchNorm running statistics, dropout RNG counts) and the gradients with respect to ``params``."""
+                   targets: jax.Array, *, token_label: TokenLabelConfig | None = None,
+                   key: jax.Array | None = None) -> tuple[jax.Array, Any, Any]:
+    """Training-mode forward and backward: the loss, the updated non-parameter state (BatchNorm running statistics,
+    dropout RNG counts) and the gradients with respect to ``params``.
+
+    The loss is the mean soft-target cross-entropy of the logits, or with ``token_label`` tlt's
+    ``TokenLabelCrossEntropy`` of the model's dense training output (``forward_train``: class logits, aux logits
+    per token, MixToken box drawn from ``key``); ``targets`` are then ``(B, 2 + S*S, C)`` or ``(B, C)``.
+    """
+    from volo_jax import token_label as tl
 
     def loss_fn(params: Any) -> tuple[jax.Array, Any]:
         # copy=True: fresh Variables at this trace level, so BatchNorm may update its statistics inside the grad.
         model = nnx.merge(graphdef, params, model_state, copy=True)
         model.train()
-        logits = model(images)
-        loss = soft_target_cross_entropy(logits, targets).mean()
+        if token_label is None:
+            loss = soft_target_cross_entropy(model(images), targets).mean()
+        else:
+            cls_logits, aux_logits, bbox = model.forward_train(images, mix_token=token_label.mix_token, key=key)
+            loss = tl.token_label_loss(cls_logits, aux_logits, bbox, targets, dense_weight=token_label.dense_weight,
+                                       cls_weight=token_label.cls_weight, ground_truth=token_label.ground_truth)
         return loss, nnx.state(model, nnx.Not(nnx.Param))
 
     (loss, new_model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -243,22 +284,38 @@ def loss_and_grads(graphdef: nnx.GraphDef, params: Any, model_state: Any, images
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mix: MixConfig, ema_decay: float,
-               state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+               state: TrainState, images: jax.Array, labels: jax.Array, maps: dict[str, jax.Array] | None = None,
+               *, token_label: TokenLabelConfig | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on a (global) batch: mixup/cutmix, training-mode forward, loss, gradients, AdamW, EMA.
 
-    Pure: jit it with ``graphdef``, ``tx``, ``mix`` and ``ema_decay`` static (see :func:`jit_train_step`).
+    Pure: jit it with ``graphdef``, ``tx``, ``mix``, ``ema_decay`` and ``token_label`` static (see
+    :func:`jit_train_step`). With ``token_label.label_maps``, ``maps`` holds the batch's token-label maps and crop
+    boxes (``tl_scores``, ``tl_indices``, ``tl_box``, as :func:`volo_jax.data.train_batches` yields them).
 
     Returns:
         The new state and metrics (``loss``, ``grad_norm``).
     """
+    from volo_jax import token_label as tl
+
     key = jax.random.fold_in(state.key, state.step)
     if mix.active:
         lam, use_cutmix, box = sample_mix_params(key, mix, images.shape[1:3])
         images, targets = apply_mix(images, labels, lam, use_cutmix, box, mix.num_classes, mix.label_smoothing)
     else:
+        lam = jnp.float32(1.0)
         targets = smooth_one_hot(labels, mix.num_classes, mix.label_smoothing)
+    if token_label is not None and token_label.label_maps:
+        if maps is None:
+            raise ValueError("token_label.label_maps needs the batch's maps (tl_scores, tl_indices, tl_box)")
+        # tlt's mixup_target on label maps: dense targets of each image, mixed with the flipped batch's like images.
+        dense = tl.token_label_targets(maps["tl_scores"], maps["tl_indices"], maps["tl_box"], labels,
+                                       num_classes=mix.num_classes, label_size=token_label.label_size,
+                                       smoothing=mix.label_smoothing, crop=token_label.crop)  # (B, 2+S*S, C)
+        targets = tl.mix_token_label_targets(dense, lam) if mix.active else dense
 
-    loss, model_state, grads = loss_and_grads(graphdef, state.params, state.model_state, images, targets)
+    # MixToken gets its own stream, so runs without token labeling keep their mixup draws.
+    loss, model_state, grads = loss_and_grads(graphdef, state.params, state.model_state, images, targets,
+                                              token_label=token_label, key=jax.random.fold_in(key, 1))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
@@ -327,13 +384,25 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mix: MixConfig, ema_decay: float,
-                   mesh: Mesh) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """``train_step`` jitted over ``mesh``: state replicated and donated, batch split along ``data``."""
+                   mesh: Mesh, token_label: TokenLabelConfig | None = None
+                   ) -> Callable[..., tuple[TrainState, dict]]:
+    """``train_step`` jitted over ``mesh``: state replicated and donated, batch split along ``data``.
+
+    The step is ``step(state, images, labels)``, or ``step(state, images, labels, maps)`` when
+    ``token_label.label_maps``.
+    """
+    rep, shard = replicated(mesh), batch_sharded(mesh)
+    if token_label is not None and token_label.label_maps:
+        def step_maps(state: TrainState, images: jax.Array, labels: jax.Array, maps: dict[str, jax.Array]
+                      ) -> tuple[TrainState, dict]:
+            return train_step(graphdef, tx, mix, ema_decay, state, images, labels, maps, token_label=token_label)
+
+        return jax.jit(step_maps, in_shardings=(rep, shard, shard, shard), out_shardings=(rep, rep),
+                       donate_argnums=(0,))
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, dict]:
-        return train_step(graphdef, tx, mix, ema_decay, state, images, labels)
+        return train_step(graphdef, tx, mix, ema_decay, state, images, labels, token_label=token_label)
 
-    rep, shard = replicated(mesh), batch_sharded(mesh)
     return jax.jit(step, in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
