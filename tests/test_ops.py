@@ -196,3 +196,32 @@ def test_fold_is_adjoint_of_unfold():
 def test_fold_wrong_grid_raises():
     with pytest.raises(ValueError, match="patch grid"):
         ops.fold(jnp.zeros((1, 4, 4, 9, 2)), (9, 9), 3, 1, 2)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 2, 0)])
+@pytest.mark.parametrize("impl", ["slices", "conv"])
+def test_depthwise_conv2d_and_grads(size, kernel, stride, padding, impl):
+    """Both formulations equal torch's grouped conv2d, values and gradients w.r.t. input and kernel."""
+    C = 6
+    x = _x((2, *size, C), seed=3)
+    w = _x((C, 1, kernel, kernel), seed=4)  # torch's (out, in/groups, kh, kw)
+    xt, wt = _nchw(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    ref = F.conv2d(xt, wt, stride=stride, padding=padding, groups=C)
+    g = _x(tuple(ref.permute(0, 2, 3, 1).shape), seed=5)
+    ref.backward(_nchw(g))
+    k = jnp.asarray(w.transpose(2, 3, 1, 0))  # (kh, kw, 1, C)
+
+    def f(x, k):
+        return ops.depthwise_conv2d(x, k, stride, padding, impl=impl, precision="highest")
+
+    out, vjp = jax.vjp(f, jnp.asarray(x), k)
+    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
+    gx, gk = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(gx), _nhwc(xt.grad), **TOL)
+    np.testing.assert_allclose(np.asarray(gk), wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv2d_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="impl='fft'"):
+        ops.depthwise_conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), impl="fft")

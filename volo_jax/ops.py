@@ -6,6 +6,7 @@ one-to-one against it in `tests/test_ops.py`:
 - `avg_pool2d`: incl. `ceil_mode` (VOLO's outlook-attention pool) and `count_include_pad=False` (PoolFormer).
 - `max_pool2d`: incl. `ceil_mode` (VoVNet).
 - `unfold` / `fold`: torch's `F.unfold` / `F.fold` (overlapping sum), with the k*k kernel-offset axis kept explicit.
+- `depthwise_conv2d`: `F.conv2d(groups=C)` without bias, as k*k shifted multiply-adds on XLA:CPU (see there).
 
 Shapes are static, so window counts and pooling divisors are computed with numpy at trace time and enter the graph
 as constants. Everything is written as a handful of XLA-friendly ops (`reduce_window`, strided slices, `pad`), with
@@ -23,7 +24,8 @@ from jax import lax
 
 IntPair = int | tuple[int, int]
 
-__all__ = ["avg_pool2d", "max_pool2d", "unfold", "fold", "pool_out_size", "unfold_out_size", "ceil_div"]
+__all__ = ["avg_pool2d", "max_pool2d", "unfold", "fold", "depthwise_conv2d", "pool_out_size", "unfold_out_size",
+           "ceil_div"]
 
 
 def _pair(v: IntPair) -> tuple[int, int]:
@@ -250,3 +252,47 @@ def fold(
 def ceil_div(a: int, b: int) -> int:
     """ceil(a / b) for ints, as `math.ceil(a / b)` in timm without the float round trip."""
     return -(-a // b)
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, *,
+                     impl: str = "auto", precision: lax.PrecisionLike = None) -> jax.Array:
+    """`torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, groups=C)` (no bias) on NHWC.
+
+    XLA:CPU lowers a ``feature_group_count=C`` convolution to a slow generic loop: one to two orders of magnitude
+    below a dense convolution per FLOP, forward and backward (measured in benchmarks/). Written as ``k*k``
+    shifted, strided slices of the zero-padded input, each times its per-channel tap, it is a few fused
+    elementwise loops, and its gradient is pads and elementwise products. The sum runs over the taps in row-major
+    order, so the result equals the convolution up to float rounding. GPU and TPU have fast depthwise kernels:
+    ``impl='auto'`` uses the slices on CPU only.
+
+    Args:
+        x: (B, H, W, C) input.
+        kernel: (kh, kw, 1, C) depthwise kernel (Flax's HWIO layout with one input channel per group).
+        stride: spatial stride.
+        padding: zero padding on every side.
+        impl: ``'auto'`` (slices on CPU, the grouped convolution elsewhere), ``'slices'`` or ``'conv'``.
+        precision: passed to the convolution (``'conv'``); the slices are exact fp32 multiply-adds.
+
+    Returns:
+        (B, (H + 2p - kh) // s + 1, (W + 2p - kw) // s + 1, C).
+    """
+    kh, kw, _, C = kernel.shape
+    if impl == "auto":
+        impl = "slices" if jax.default_backend() == "cpu" else "conv"
+    if impl == "conv":
+        return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=C,
+                                        precision=precision)
+    if impl != "slices":
+        raise ValueError(f"impl={impl!r}: 'auto', 'slices' or 'conv'")
+    B, H, W, _ = x.shape
+    oh, ow = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(xp, (0, i, j, 0), (B, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, C),
+                            (1, stride, stride, 1))  # (B, oh, ow, C): input rows i, i+s, ... under output rows
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out

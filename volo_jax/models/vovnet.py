@@ -40,7 +40,7 @@ from volo_jax.layers import (
     dropout,
     torch_default_kernel_init,
 )
-from volo_jax.ops import max_pool2d
+from volo_jax.ops import depthwise_conv2d, max_pool2d
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,16 @@ class SeparableConvNormAct(nnx.Module):
         self.conv_pw = nnx.Conv(in_chs, out_chs, (1, 1), padding="VALID", use_bias=False, kernel_init=_conv_init,
                                 **dd, rngs=rngs)
         self.bn = batch_norm(out_chs, **dd, rngs=rngs)
+        self.stride, self.padding = stride, _padding(kernel_size, stride)[0][0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.relu(self.bn(self.conv_pw(self.conv_dw(x))))
+        # conv_dw holds the weights (timm's names for the converter); the op is ops.depthwise_conv2d, which avoids
+        # XLA:CPU's slow grouped convolution. Dtypes as nnx.Conv promotes them.
+        dw = self.conv_dw
+        dtype = dw.dtype or jnp.result_type(x, dw.kernel[...])
+        x = depthwise_conv2d(x.astype(dtype), dw.kernel[...].astype(dtype), self.stride, self.padding,
+                             precision=dw.precision)
+        return jax.nn.relu(self.bn(self.conv_pw(x)))
 
 
 class EffectiveSEModule(nnx.Module):
