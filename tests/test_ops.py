@@ -225,3 +225,28 @@ def test_depthwise_conv2d_and_grads(size, kernel, stride, padding, impl):
 def test_depthwise_conv2d_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl='fft'"):
         ops.depthwise_conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 1, 2)), impl="fft")
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "VALID"), (1, 1, ((0, 0), (0, 0))), (1, 2, "VALID"),
+                                                   (3, 1, ((1, 1), (1, 1))), (1, 1, ((1, 1), (1, 1)))])
+def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
+    """The drop-in gives lax.conv_general_dilated's values and gradients: 1x1/stride 1/unpadded as a matmul, every
+    other case passed through (stride 2, 3x3, padded 1x1)."""
+    from jax import lax
+
+    x, w = jnp.asarray(_x((2, 9, 7, 5), seed=6)), jnp.asarray(_x((kernel, kernel, 5, 4), seed=7))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, w):
+        return ops.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn, precision="highest")
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn, precision="highest")
+
+    np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)), **TOL)
+    prims = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).jaxpr.eqns}
+    matmul = kernel == 1 and stride == 1 and padding != ((1, 1), (1, 1))
+    assert ("dot_general" in prims) == matmul and ("conv_general_dilated" in prims) != matmul, prims
+    g = jnp.asarray(_x(ref(x, w).shape, seed=8))
+    for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)

@@ -35,7 +35,7 @@ from volo_jax.layers import (
     gelu,
     trunc_normal_02,
 )
-from volo_jax.ops import avg_pool2d
+from volo_jax.ops import avg_pool2d, conv_general_dilated
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,9 @@ class ConvMlp(nnx.Module):
 
     def __init__(self, in_features: int, hidden_features: int, *, act: str = "gelu", bias: bool = True,
                  drop: float = 0.0, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        # ops.conv_general_dilated: the 1x1 convs as matmuls (XLA:CPU's 1x1 convolution is much slower)
         kw = dict(use_bias=bias, padding="VALID", kernel_init=trunc_normal_02, dtype=dtype, param_dtype=param_dtype,
-                  rngs=rngs)
+                  conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.fc1 = nnx.Conv(in_features, hidden_features, (1, 1), **kw)
         if act == "gelu":
             self.act: nnx.Module = GELU()

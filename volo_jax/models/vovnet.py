@@ -40,7 +40,7 @@ from volo_jax.layers import (
     dropout,
     torch_default_kernel_init,
 )
-from volo_jax.ops import depthwise_conv2d, max_pool2d
+from volo_jax.ops import conv_general_dilated, depthwise_conv2d, max_pool2d
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,10 @@ class ConvNormAct(nnx.Module):
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, *, dtype: Dtype = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         dd = dict(dtype=dtype, param_dtype=param_dtype)
+        # ops.conv_general_dilated: a 1x1 conv (the OSA concat conv) as a matmul, faster on XLA:CPU
         self.conv = nnx.Conv(in_chs, out_chs, (kernel_size, kernel_size), stride,
                              padding=_padding(kernel_size, stride), use_bias=False, kernel_init=_conv_init, **dd,
-                             rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.bn = batch_norm(out_chs, **dd, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,7 +114,7 @@ class SeparableConvNormAct(nnx.Module):
                                 padding=_padding(kernel_size, stride), feature_group_count=in_chs, use_bias=False,
                                 kernel_init=_conv_init, **dd, rngs=rngs)
         self.conv_pw = nnx.Conv(in_chs, out_chs, (1, 1), padding="VALID", use_bias=False, kernel_init=_conv_init,
-                                **dd, rngs=rngs)
+                                **dd, conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.bn = batch_norm(out_chs, **dd, rngs=rngs)
         self.stride, self.padding = stride, _padding(kernel_size, stride)[0][0]
 
