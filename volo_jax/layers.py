@@ -13,7 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from volo_jax.ops import dot_general
+
 Dtype = jnp.dtype | type | None
+
+
+def Linear(in_features: int, out_features: int, **kwargs) -> nnx.Linear:  # noqa: N802 (a drop-in for the class)
+    """``nnx.Linear`` whose matmul flattens the leading axes (:func:`volo_jax.ops.dot_general`: the same result, a
+    faster backward on XLA:CPU); parameters, names and every other argument as ``nnx.Linear``."""
+    return nnx.Linear(in_features, out_features, dot_general=dot_general, **kwargs)
 
 
 
@@ -157,10 +165,10 @@ class Mlp(nnx.Module):
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02, rngs=rngs)
-        self.fc1 = nnx.Linear(in_features, hidden_features, **kw)
+        self.fc1 = Linear(in_features, hidden_features, **kw)
         self.act = act
         self.drop1 = dropout(drop, rngs)
-        self.fc2 = nnx.Linear(hidden_features, out_features, **kw)
+        self.fc2 = Linear(hidden_features, out_features, **kw)
         self.drop2 = dropout(drop, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

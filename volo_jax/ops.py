@@ -8,6 +8,7 @@ one-to-one against it in `tests/test_ops.py`:
 - `unfold` / `fold`: torch's `F.unfold` / `F.fold` (overlapping sum), with the k*k kernel-offset axis kept explicit.
 - `depthwise_conv2d`: `F.conv2d(groups=C)` without bias, as k*k shifted multiply-adds on XLA:CPU (see there).
 - `conv_general_dilated`: `lax.conv_general_dilated` that computes 1x1 convolutions as a matmul (see there).
+- `dot_general`: `lax.dot_general` that flattens a dense layer's leading axes into one (see there).
 
 Shapes are static, so window counts and pooling divisors are computed with numpy at trace time and enter the graph
 as constants. Everything is written as a handful of XLA-friendly ops (`reduce_window`, strided slices, `pad`), with
@@ -26,8 +27,8 @@ from jax import lax
 
 IntPair = int | tuple[int, int]
 
-__all__ = ["avg_pool2d", "max_pool2d", "unfold", "fold", "depthwise_conv2d", "conv_general_dilated", "pool_out_size",
-           "unfold_out_size", "ceil_div"]
+__all__ = ["avg_pool2d", "max_pool2d", "unfold", "fold", "depthwise_conv2d", "conv_general_dilated", "dot_general",
+           "pool_out_size", "unfold_out_size", "ceil_div"]
 
 
 def _pair(v: IntPair) -> tuple[int, int]:
@@ -322,7 +323,28 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     if one and undilated and nhwc and feature_group_count == 1 and _is_zero_padding(padding) and not kwargs.get(
             "out_sharding"):
         kernel = rhs.reshape(rhs.shape[-2:])  # (in, out)
-        return jnp.einsum("...c,cd->...d", lhs, kernel, precision=precision,
-                          preferred_element_type=kwargs.get("preferred_element_type"))
+        return dot_general(lhs, kernel, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=kwargs.get("preferred_element_type"))
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, precision=precision, **kwargs)
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: lax.PrecisionLike = None,
+                preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
+    """``lax.dot_general`` (a drop-in for ``nnx.Linear(dot_general=...)``) that computes a dense layer on a
+    ``(..., in)`` input as one 2-D matmul ``(prod(...), in) @ (in, out)``.
+
+    Same products and sums; what changes is the backward: the weight gradient of the N-D form contracts over every
+    leading axis at once, which XLA:CPU runs at about half the speed of the 2-D ``x^T @ g`` (measured on a
+    ``(8, 197, 768) @ (768, 3072)`` layer: forward+backward 132 ms as N-D, 83 ms as 2-D, 2 cores). Any other
+    contraction goes to ``lax.dot_general`` unchanged.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    dense = (lhs.ndim > 2 and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb
+             and not rb and not kwargs.get("out_sharding"))
+    if dense:
+        y = lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=preferred_element_type)  # (prod(...), out)
+        return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kwargs)

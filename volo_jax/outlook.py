@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from volo_jax.layers import dropout, timm_trunc_normal
+from volo_jax.layers import Linear, dropout, timm_trunc_normal
 from volo_jax.ops import avg_pool2d, ceil_div, fold, unfold, unfold_out_size
 
 __all__ = ["outlook_attention", "outlook_attention_reference", "OutlookAttention"]
@@ -307,10 +307,10 @@ class OutlookAttention(nnx.Module):
 
         # timm's VOLO._init_weights: trunc_normal_(std=.02) Linear weights, zero biases.
         linear = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=timm_trunc_normal(0.02), rngs=rngs)
-        self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **linear)
-        self.attn = nnx.Linear(dim, kernel_size**4 * num_heads, **linear)
+        self.v = Linear(dim, dim, use_bias=qkv_bias, **linear)
+        self.attn = Linear(dim, kernel_size**4 * num_heads, **linear)
         self.attn_drop = dropout(attn_drop, rngs)
-        self.proj = nnx.Linear(dim, dim, **linear)
+        self.proj = Linear(dim, dim, **linear)
         self.proj_drop = dropout(proj_drop, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ from volo_jax.layers import (
     DropPath,
     Dtype,
     Identity,
+    Linear,
     Mlp,
     dropout,
     layer_norm,
@@ -99,11 +100,11 @@ class GPSA(nnx.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.locality_strength = locality_strength
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02, rngs=rngs)
-        self.qk = nnx.Linear(dim, dim * 2, use_bias=qkv_bias, **kw)
-        self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
+        self.qk = Linear(dim, dim * 2, use_bias=qkv_bias, **kw)
+        self.v = Linear(dim, dim, use_bias=qkv_bias, **kw)
         self.attn_drop = dropout(attn_drop, rngs)
-        self.proj = nnx.Linear(dim, dim, **kw)
-        self.pos_proj = nnx.Linear(3, num_heads, **kw)
+        self.proj = Linear(dim, dim, **kw)
+        self.pos_proj = Linear(3, num_heads, **kw)
         self.proj_drop = dropout(proj_drop, rngs)
         self.gating_param = nnx.Param(jnp.ones((num_heads,), param_dtype))  # timm: torch.ones(num_heads)
         self._local_init()
@@ -158,9 +159,9 @@ class MHSA(nnx.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02, rngs=rngs)
-        self.qkv = nnx.Linear(dim, dim * 3, use_bias=qkv_bias, **kw)
+        self.qkv = Linear(dim, dim * 3, use_bias=qkv_bias, **kw)
         self.attn_drop = dropout(attn_drop, rngs)
-        self.proj = nnx.Linear(dim, dim, **kw)
+        self.proj = Linear(dim, dim, **kw)
         self.proj_drop = dropout(proj_drop, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -258,7 +259,7 @@ class ConVit(nnx.Module):
         self.feature_info: list[dict[str, Any]] = [
             dict(num_chs=embed_dim, reduction=cfg.patch_size, module=f"blocks.{i}") for i in range(cfg.depth)]
         self.head_drop = dropout(cfg.drop_rate, rngs)
-        self.head = nnx.Linear(embed_dim, cfg.num_classes, kernel_init=trunc_normal_02, **dd, rngs=rngs) \
+        self.head = Linear(embed_dim, cfg.num_classes, kernel_init=trunc_normal_02, **dd, rngs=rngs) \
             if cfg.num_classes > 0 else None
 
     # ---------------------------------------------------------------- trunk

@@ -31,6 +31,7 @@ from volo_jax.features import feature_take_indices
 from volo_jax.layers import (
     DropPath,
     Dtype,
+    Linear,
     dropout,
     gelu,
     trunc_normal_02,
@@ -253,7 +254,7 @@ class ClassifierHead(nnx.Module):
         self.global_pool = global_pool
         self.norm = layer_norm_2d(dim, **dd, rngs=rngs)
         self.drop = dropout(drop_rate, rngs)
-        self.fc = nnx.Linear(dim, num_classes, kernel_init=trunc_normal_02, **dd, rngs=rngs) if num_classes > 0 \
+        self.fc = Linear(dim, num_classes, kernel_init=trunc_normal_02, **dd, rngs=rngs) if num_classes > 0 \
             else None
 
     def __call__(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:

@@ -27,6 +27,7 @@ from volo_jax.layers import (
     DropPath,
     Dtype,
     Identity,
+    Linear,
     Mlp,
     ReLU,
     batch_norm,
@@ -97,9 +98,9 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02, rngs=rngs)
-        self.qkv = nnx.Linear(dim, dim * 3, use_bias=qkv_bias, **kw)
+        self.qkv = Linear(dim, dim * 3, use_bias=qkv_bias, **kw)
         self.attn_drop = dropout(attn_drop, rngs)
-        self.proj = nnx.Linear(dim, dim, **kw)
+        self.proj = Linear(dim, dim, **kw)
         self.proj_drop = dropout(proj_drop, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -143,10 +144,10 @@ class ClassAttention(nnx.Module):
         self.scale = self.head_dim ** -0.5
         inner = self.head_dim * num_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=trunc_normal_02, rngs=rngs)
-        self.kv = nnx.Linear(dim, inner * 2, use_bias=qkv_bias, **kw)
-        self.q = nnx.Linear(dim, inner, use_bias=qkv_bias, **kw)
+        self.kv = Linear(dim, inner * 2, use_bias=qkv_bias, **kw)
+        self.q = Linear(dim, inner, use_bias=qkv_bias, **kw)
         self.attn_drop = dropout(attn_drop, rngs)
-        self.proj = nnx.Linear(inner, dim, **kw)
+        self.proj = Linear(inner, dim, **kw)
         self.proj_drop = dropout(proj_drop, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -338,11 +339,11 @@ class VOLO(nnx.Module):
         head_kw = dict(kernel_init=trunc_normal_02, **dd, rngs=rngs)
         self.use_aux_head = cfg.use_aux_head
         has_head = cfg.num_classes > 0
-        self.aux_head = nnx.Linear(self.num_features, cfg.num_classes, **head_kw) \
+        self.aux_head = Linear(self.num_features, cfg.num_classes, **head_kw) \
             if cfg.use_aux_head and has_head else None
         self.norm = layer_norm(self.num_features, **dd, rngs=rngs)
         self.head_drop = dropout(cfg.drop_rate, rngs)
-        self.head = nnx.Linear(self.num_features, cfg.num_classes, **head_kw) if has_head else None
+        self.head = Linear(self.num_features, cfg.num_classes, **head_kw) if has_head else None
 
     # ---------------------------------------------------------------- trunk
     def _run_network(self, x: jax.Array, take: set[int] | None = None) -> tuple[jax.Array, list[jax.Array]]:

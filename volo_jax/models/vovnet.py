@@ -36,6 +36,7 @@ from volo_jax.layers import (
     DropPath,
     Dtype,
     Identity,
+    Linear,
     batch_norm,
     dropout,
     torch_default_kernel_init,
@@ -260,7 +261,7 @@ class ClassifierHead(nnx.Module):
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.global_pool = global_pool
         self.drop = dropout(drop_rate, rngs)
-        self.fc = nnx.Linear(dim, num_classes, kernel_init=torch_default_kernel_init, dtype=dtype,
+        self.fc = Linear(dim, num_classes, kernel_init=torch_default_kernel_init, dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs) if num_classes > 0 else None
 
     def __call__(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
