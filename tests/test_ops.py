@@ -250,3 +250,30 @@ def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
     g = jnp.asarray(_x(ref(x, w).shape, seed=8))
     for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (4, 6), (2, 9, 6)])
+def test_dot_general_dense_layer_path_equals_lax(shape):
+    """The drop-in gives lax.dot_general's values and gradients for a dense layer on an N-D input (flattened to one
+    2-D matmul when N > 2) and passes other contractions through."""
+    from jax import lax
+
+    x, w = jnp.asarray(_x(shape, seed=9)), jnp.asarray(_x((6, 4), seed=10))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+
+    def ours(x, w):
+        return ops.dot_general(x, w, dims, precision="highest")
+
+    def ref(x, w):
+        return lax.dot_general(x, w, dims, precision="highest")
+
+    np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)), **TOL)
+    g = jnp.asarray(_x(ref(x, w).shape, seed=11))
+    for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+    eqns = jax.make_jaxpr(ours)(x, w).jaxpr.eqns
+    assert any(e.primitive.name == "reshape" for e in eqns) == (x.ndim > 2)
+    batched = jnp.asarray(_x((2, 6, 4), seed=12))  # a batched contraction: passed through
+    bdims = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_allclose(np.asarray(ops.dot_general(jnp.asarray(_x((2, 3, 6))), batched, bdims)),
+                               np.asarray(lax.dot_general(jnp.asarray(_x((2, 3, 6))), batched, bdims)), **TOL)
