@@ -80,6 +80,7 @@ def test_reads_back_as_the_folder_reader(digits, prepared, split):
         assert tfds_label == label
         np.testing.assert_array_equal(np.asarray(img), np.asarray(folder.load(j)[0]))
         assert source.name(i) == f"{NAME}/{split}[{i}] {file_name}"
+        assert data.token_label_key(source, i) == data.token_label_key(folder, j)  # token-label maps match too
     assert set(by_name) - seen == {BROKEN[split]}
     # plain tfds, its own decoder (no SkipDecoding): the same examples
     plain = tfds.data_source(NAME, split=split, data_dir=str(data_dir))

@@ -638,7 +638,11 @@ class _TrainExample:
         import threading
 
         self.source, self.cfg, self.token_labels = source, cfg, token_labels
-        self.keys = None if token_labels is None else [token_label_key(source, i) for i in range(len(source))]
+        # A folder's keys are its paths, cheap to list up front (and check before training); a tfds record must be
+        # read for its file_name, so those keys are taken per example.
+        self.keys = None
+        if token_labels is not None and isinstance(source, ImageFolderSource):
+            self.keys = [token_label_key(source, i) for i in range(len(source))]
         self.skipped: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -647,7 +651,8 @@ class _TrainExample:
             img, label = self.source.load(int(index))
             if self.token_labels is None:
                 return {"image": train_transform(img, self.cfg, rng), "label": np.int32(label)}
-            maps = self.token_labels.lookup(self.keys[int(index)])
+            key = self.keys[int(index)] if self.keys is not None else token_label_key(self.source, int(index))
+            maps = self.token_labels.lookup(key)  # a missing map (tfds) skips the image, named in `skipped`
             x, (scores, indices), box = token_label_train_transform(img, maps, self.cfg, rng)
             return {"image": x, "label": np.int32(label), "tl_scores": scores, "tl_indices": indices, "tl_box": box}
         except DECODE_ERRORS as e:  # a corrupted file must not stop a run: skipped and counted
@@ -699,7 +704,8 @@ def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: 
 
     Raises:
         DataError: a batch that does not split across processes, fewer images than one batch.
-        TokenLabelError: ``token_labels`` has no maps for some training images (named).
+        TokenLabelError: ``token_labels`` has no maps for some images of a folder source (named); a tfds source's
+            keys need each record read, so there a missing map is found per example and the image is skipped.
     """
     import grain
 
@@ -709,7 +715,7 @@ def train_batches(source: Source, cfg: TrainConfig, global_batch: int, *, seed: 
         raise DataError(f"{len(source)} training images, fewer than one global batch of {global_batch}")
     local = global_batch // process_count
     loader = _TrainExample(source, cfg, token_labels)
-    if token_labels is not None:
+    if loader.keys is not None:
         token_labels.check_covers(loader.keys)  # every image must have its maps: fail now, not mid-epoch
     # Augmentation is keyed by the position in the global stream (random_map before the split), and each process
     # takes its block of every global batch, so P processes feed exactly the global batches one process would.
