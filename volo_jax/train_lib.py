@@ -302,7 +302,6 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mix: Mi
         lam, use_cutmix, box = sample_mix_params(key, mix, images.shape[1:3])
         images, targets = apply_mix(images, labels, lam, use_cutmix, box, mix.num_classes, mix.label_smoothing)
     else:
-        lam = jnp.float32(1.0)
         targets = smooth_one_hot(labels, mix.num_classes, mix.label_smoothing)
     if token_label is not None and token_label.label_maps:
         if maps is None:
