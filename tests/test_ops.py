@@ -277,3 +277,28 @@ def test_dot_general_dense_layer_path_equals_lax(shape):
     bdims = (((2,), (1,)), ((0,), (0,)))
     np.testing.assert_allclose(np.asarray(ops.dot_general(jnp.asarray(_x((2, 3, 6))), batched, bdims)),
                                np.asarray(lax.dot_general(jnp.asarray(_x((2, 3, 6))), batched, bdims)), **TOL)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+def test_conv_general_dilated_depthwise_path_equals_lax(stride, padding):
+    """A depthwise convolution through the drop-in (what VoVNet's ``conv_dw`` calls) gives lax's values and
+    gradients; with symmetric padding it runs as shifted multiply-adds on CPU, otherwise as lax's conv."""
+    from jax import lax
+
+    x, w = jnp.asarray(_x((2, 9, 7, 5), seed=13)), jnp.asarray(_x((3, 3, 1, 5), seed=14))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    kw = dict(dimension_numbers=dn, feature_group_count=5, precision="highest")
+
+    def ours(x, w):
+        return ops.conv_general_dilated(x, w, (stride, stride), padding, **kw)
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), padding, **kw)
+
+    np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)), **TOL)
+    g = jnp.asarray(_x(ref(x, w).shape, seed=15))
+    for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    prims = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).jaxpr.eqns}
+    sliced = padding[0] == (1, 1) and jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" in prims) != sliced, prims

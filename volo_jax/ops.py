@@ -7,7 +7,7 @@ one-to-one against it in `tests/test_ops.py`:
 - `max_pool2d`: incl. `ceil_mode` (VoVNet).
 - `unfold` / `fold`: torch's `F.unfold` / `F.fold` (overlapping sum), with the k*k kernel-offset axis kept explicit.
 - `depthwise_conv2d`: `F.conv2d(groups=C)` without bias, as k*k shifted multiply-adds on XLA:CPU (see there).
-- `conv_general_dilated`: `lax.conv_general_dilated` that computes 1x1 convolutions as a matmul (see there).
+- `conv_general_dilated`: `lax.conv_general_dilated` routing 1x1 and depthwise convolutions as above (see there).
 - `dot_general`: `lax.dot_general` that flattens a dense layer's leading axes into one (see there).
 
 Shapes are static, so window counts and pooling divisors are computed with numpy at trace time and enter the graph
@@ -301,30 +301,35 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: 
     return out
 
 
-def _is_zero_padding(padding: str | Sequence[tuple[int, int]]) -> bool:
-    return padding == "VALID" or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
-
-
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: str | Sequence[tuple[int, int]], lhs_dilation: Sequence[int] | None = None,
                          rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
                          feature_group_count: int = 1, precision: lax.PrecisionLike = None, **kwargs: Any) -> jax.Array:
-    """``lax.conv_general_dilated`` (a drop-in for ``nnx.Conv(conv_general_dilated=...)``) that computes a 1x1,
-    stride-1, unpadded, ungrouped NHWC convolution as a matmul over channels.
+    """``lax.conv_general_dilated`` (a drop-in for ``nnx.Conv(conv_general_dilated=...)``) that routes two NHWC
+    cases XLA:CPU runs slowly to faster formulations of the same sums (results agree up to float rounding):
 
-    XLA:CPU runs such a convolution well below the same ``dot`` (PoolFormer-M36's 1x1-conv MLPs: its whole forward
-    1.09 s -> 0.75 s at batch 8 on 2 cores); both are the same sum over input channels, so results agree up to float
-    rounding. Every other convolution goes to ``lax.conv_general_dilated`` unchanged.
+    - a 1x1, stride-1, unpadded, ungrouped convolution: a matmul over channels (:func:`dot_general`). XLA:CPU runs
+      it well below the same ``dot`` (PoolFormer-M36's 1x1-conv MLPs: its whole forward 1.09 s -> 0.75 s at batch 8
+      on 2 cores);
+    - a depthwise convolution (one input channel per group) with square stride and symmetric padding:
+      :func:`depthwise_conv2d` (shifted multiply-adds on CPU, this convolution elsewhere).
+
+    Every other convolution goes to ``lax.conv_general_dilated`` unchanged.
     """
-    one = all(d == 1 for d in rhs.shape[:-2]) and all(s == 1 for s in window_strides)
     undilated = all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
     nhwc = dimension_numbers is None or dimension_numbers == lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    if one and undilated and nhwc and feature_group_count == 1 and _is_zero_padding(padding) and not kwargs.get(
-            "out_sharding"):
+    plain = undilated and nhwc and lhs.ndim == 4 and not any(v is not None for v in kwargs.values())
+    strides = tuple(window_strides)
+    pads = None if isinstance(padding, str) else [tuple(p) for p in padding]
+    if plain and feature_group_count == 1 and rhs.shape[:2] == (1, 1) and strides == (1, 1) and (
+            padding == "VALID" or pads == [(0, 0), (0, 0)]):
         kernel = rhs.reshape(rhs.shape[-2:])  # (in, out)
-        return dot_general(lhs, kernel, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=kwargs.get("preferred_element_type"))
+        return dot_general(lhs, kernel, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision)
+    depthwise = feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
+    if plain and depthwise and strides[0] == strides[1] and pads is not None and len(set(pads)) == 1 and \
+            pads[0][0] == pads[0][1]:
+        return depthwise_conv2d(lhs, rhs, strides[0], pads[0][0], precision=precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                     feature_group_count, precision=precision, **kwargs)
 

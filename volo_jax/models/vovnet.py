@@ -41,7 +41,7 @@ from volo_jax.layers import (
     dropout,
     torch_default_kernel_init,
 )
-from volo_jax.ops import conv_general_dilated, depthwise_conv2d, max_pool2d
+from volo_jax.ops import conv_general_dilated, max_pool2d
 
 
 @dataclass(frozen=True)
@@ -111,22 +111,16 @@ class SeparableConvNormAct(nnx.Module):
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         dd = dict(dtype=dtype, param_dtype=param_dtype)
         # timm's create_conv2d(depthwise=True) is groups=in_chs with bias=False (its kwargs default).
+        # ops.conv_general_dilated runs it as shifted multiply-adds on CPU (XLA:CPU's grouped convolution is slow)
         self.conv_dw = nnx.Conv(in_chs, in_chs, (kernel_size, kernel_size), stride,
                                 padding=_padding(kernel_size, stride), feature_group_count=in_chs, use_bias=False,
-                                kernel_init=_conv_init, **dd, rngs=rngs)
+                                kernel_init=_conv_init, **dd, conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.conv_pw = nnx.Conv(in_chs, out_chs, (1, 1), padding="VALID", use_bias=False, kernel_init=_conv_init,
                                 **dd, conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.bn = batch_norm(out_chs, **dd, rngs=rngs)
-        self.stride, self.padding = stride, _padding(kernel_size, stride)[0][0]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # conv_dw holds the weights (timm's names for the converter); the op is ops.depthwise_conv2d, which avoids
-        # XLA:CPU's slow grouped convolution. Dtypes as nnx.Conv promotes them.
-        dw = self.conv_dw
-        dtype = dw.dtype or jnp.result_type(x, dw.kernel[...])
-        x = depthwise_conv2d(x.astype(dtype), dw.kernel[...].astype(dtype), self.stride, self.padding,
-                             precision=dw.precision)
-        return jax.nn.relu(self.bn(self.conv_pw(x)))
+        return jax.nn.relu(self.bn(self.conv_pw(self.conv_dw(x))))
 
 
 class EffectiveSEModule(nnx.Module):
