@@ -343,6 +343,13 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- training checkpoints (orbax)
+def run_checkpoints_dir(path: str | os.PathLike) -> Path:
+    """``path/checkpoints`` for a ``train.py --output`` run directory (its checkpoints live one level down), else
+    ``path`` itself (a checkpoints directory or one step of it)."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 class TrainCheckpoints:
     """The training run's checkpoints: an orbax ``CheckpointManager`` over one directory, a step per subdirectory.
 
@@ -377,9 +384,7 @@ class TrainCheckpoints:
     def open_run(cls, path: str | os.PathLike) -> tuple[TrainCheckpoints, int | None]:
         """Read-only checkpoints of a run (``train.py --output``) or its ``checkpoints`` directory (step None: the
         latest), or of one step's subdirectory."""
-        path = Path(path)
-        if (path / "checkpoints").is_dir():  # train.py's --output: the checkpoints live one level down
-            path = path / "checkpoints"
+        path = run_checkpoints_dir(path)
         if path.name.isdigit():
             return cls(path.parent, read_only=True), int(path.name)
         return cls(path, read_only=True), None

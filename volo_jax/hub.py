@@ -32,7 +32,7 @@ from flax import nnx
 from converters.readers import read_checkpoint
 from converters.rules import apply_rules, family_of
 from converters.torch_to_flax import ConversionError, convert_with_report
-from volo_jax.checkpoint import is_converted_dir, load_params, read_config
+from volo_jax.checkpoint import TrainCheckpoints, is_converted_dir, load_params, read_config, run_checkpoints_dir
 
 __all__ = [
     "HF_SAFE_WEIGHTS_NAME",
@@ -249,15 +249,12 @@ def _timm_architecture(directory: Path) -> str | None:
 # --------------------------------------------------------------------------- any checkpoint
 def _looks_like_orbax(path: Path) -> bool:
     markers = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
-    if (path / "checkpoints").is_dir():  # a train.py run directory
-        path = path / "checkpoints"
+    path = run_checkpoints_dir(path)
     dirs = [path, *(d for d in path.iterdir() if d.is_dir())]
     return any((d / m).exists() for d in dirs for m in markers)
 
 
 def _training_checkpoint_meta(path: Path) -> dict[str, Any]:
-    from volo_jax.checkpoint import TrainCheckpoints
-
     ckpts, step = TrainCheckpoints.open_run(path)
     try:
         return ckpts.meta(step)
@@ -273,8 +270,6 @@ def restore_training_checkpoint(model: nnx.Module, path: Path, *, use_ema: bool)
 
     ``path`` is the run's checkpoint directory (its latest complete step is used) or one step's subdirectory.
     """
-    from volo_jax.checkpoint import TrainCheckpoints
-
     ckpts, step = TrainCheckpoints.open_run(path)
     try:
         meta = ckpts.restore_weights(model, step, use_ema=use_ema)

@@ -48,7 +48,7 @@ from volo_jax.models.convit import ConVit
 from volo_jax.models.poolformer import MetaFormer
 from volo_jax.models.volo import VOLO
 from volo_jax.models.vovnet import VovNet
-from volo_jax.token_label_store import TokenLabelError, TokenLabelWriter, image_key
+from volo_jax.token_label_store import TokenLabelError, TokenLabelWriter
 
 _logger = logging.getLogger("label_tokens")
 
@@ -197,7 +197,7 @@ def label_tokens(teacher: str, data_root: str, out: str, *, checkpoint: str | No
     if batch_size % jax.device_count():
         raise TokenLabelError(f"--batch-size {batch_size} must be a multiple of the {jax.device_count()} devices")
     source = data.ImageFolderSource(data_root, split)
-    names = [image_key(source.name(i)) for i in range(len(source))]
+    names = [data.token_label_key(source, i) for i in range(len(source))]  # the keys training looks up
     pretrained_cfg = volo_jax.get_pretrained_cfg(teacher)
     cfg = whole_image_config(pretrained_cfg, img_size)
     built = None if tuple(cfg.input_size) == tuple(pretrained_cfg["input_size"]) else cfg.img_size
