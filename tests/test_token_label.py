@@ -5,13 +5,11 @@ tlt's pieces are loaded without ``tlt.data.__init__``, which imports timm intern
 tlt's targets are ``(B, C, T)``; ours are ``(B, T, C)``, so the comparisons transpose.
 """
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tlt_reference import tlt_data_module, tlt_input
 
 from volo_jax.token_label import mix_token_label_targets, roi_align, token_label_loss, token_label_targets
 
@@ -23,11 +21,7 @@ tlt_loss = pytest.importorskip("tlt.loss")
 @pytest.fixture(scope="module")
 def tlt_mixup():
     """``tlt/data/mixup.py`` as a module, bypassing ``tlt/data/__init__.py``."""
-    path = os.path.join(importlib.util.find_spec("tlt").submodule_search_locations[0], "data", "mixup.py")
-    spec = importlib.util.spec_from_file_location("_tlt_data_mixup", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tlt_data_module("mixup")
 
 
 # ------------------------------------------------------------------------------------------------------ roi_align
@@ -118,17 +112,6 @@ def _label_maps(rng: np.random.Generator, B: int, k: int, H: int, W: int, C: int
     return scores, indices, boxes, labels
 
 
-def _tlt_input(scores, indices, boxes, labels) -> "torch.Tensor":
-    """tlt's (B, 3, k, H, W) batch: [:, 0] scores, [:, 1] indices, crop box at [:, 2, 0, 0, :4], label at [..., 5]."""
-    B, k, H, W = scores.shape
-    x = torch.zeros(B, 3, k, H, W)
-    x[:, 0] = torch.from_numpy(scores.copy())
-    x[:, 1] = torch.from_numpy(indices).float()
-    x[:, 2, 0, 0, :4] = torch.from_numpy(boxes)
-    x[:, 2, 0, 0, 5] = torch.from_numpy(labels).float()
-    return x  # tlt edits the box in place (`coords[:, 2:] += coords[:, :2]`): pass a fresh one to every call
-
-
 _jit_targets = jax.jit(token_label_targets, static_argnames=("num_classes", "label_size"))
 
 # (C, k, H, W, S): small; non-square maps (tlt scales all four box coordinates by W); ImageNet's NFNet label files.
@@ -144,7 +127,7 @@ def test_token_label_targets_match_tlt(tlt_mixup, case, label_size, smoothing):
     rng = np.random.default_rng(C + H + W + S)
     scores, indices, boxes, labels = _label_maps(rng, 4, k, H, W, C)
     off = smoothing / C
-    ref = tlt_mixup.get_labelmaps_with_coords(_tlt_input(scores, indices, boxes, labels), C,
+    ref = tlt_mixup.get_labelmaps_with_coords(tlt_input(scores, indices, boxes, labels), C,
                                               on_value=1 - smoothing + off, off_value=off, label_size=S,
                                               device="cpu").numpy().transpose(0, 2, 1)
     got = np.asarray(_jit_targets(scores, indices, boxes, labels, num_classes=C, label_size=S, smoothing=smoothing))
@@ -167,7 +150,7 @@ def test_tlt_crop_is_read_transposed_on_the_label_map(tlt_mixup):
     scores = np.full((2, 1, H, W), 20.0, np.float32)
     boxes = np.array([[0.0, 0.0, 0.5, 1.0]] * 2, np.float32)  # (i/img_h, j/img_w, h/img_h, w/img_w): top half
     labels = np.zeros(2, np.int64)
-    ref = tlt_mixup.get_labelmaps_with_coords(_tlt_input(scores, indices, boxes, labels), C, label_size=1,
+    ref = tlt_mixup.get_labelmaps_with_coords(tlt_input(scores, indices, boxes, labels), C, label_size=1,
                                               device="cpu").numpy().transpose(0, 2, 1)
     got = np.asarray(token_label_targets(scores, indices, boxes, labels, num_classes=C, label_size=1))
     np.testing.assert_allclose(got, ref, atol=1e-6)
@@ -216,7 +199,7 @@ def test_mix_matches_tlt_mixup_target(tlt_mixup, lam):
     scores, indices, boxes, labels = _label_maps(np.random.default_rng(4), 4, 3, 9, 9, C)
     targets = token_label_targets(scores, indices, boxes, labels, num_classes=C, label_size=S, smoothing=smoothing)
     got = np.asarray(mix_token_label_targets(targets, lam))
-    ref = tlt_mixup.mixup_target(_tlt_input(scores, indices, boxes, labels), C, lam, smoothing, device="cpu",
+    ref = tlt_mixup.mixup_target(tlt_input(scores, indices, boxes, labels), C, lam, smoothing, device="cpu",
                                  label_size=S).numpy().transpose(0, 2, 1)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
     # tlt's plain-label branch: smoothed one-hots mixed with the flipped batch; our ground-truth column, mixed.

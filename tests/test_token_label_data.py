@@ -1,12 +1,12 @@
 """Token labeling on the input side: the label maps move with the image exactly as TokenLabeling's ``tlt`` moves
 them (flip, RandAugment's spatial ops), the crop box is tlt's, and the grain stream carries maps and boxes."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tlt_reference import tlt_data_module
 
 from volo_jax import auto_augment as aa
 from volo_jax import data
@@ -18,18 +18,6 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPATIAL = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
-def _tlt_module(name: str):
-    """``tlt/data/<name>.py`` loaded on its own (the package ``__init__`` imports loaders written for timm 0.4)."""
-    spec = importlib.util.find_spec("tlt")
-    if spec is None:
-        pytest.skip("tlt (the parity extra) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / f"{name}.py"
-    mod_spec = importlib.util.spec_from_file_location(f"_tlt_{name}", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
-
-
 def _maps(rng: np.random.Generator, k: int = 5, h: int = 15, w: int = 13) -> tuple[np.ndarray, np.ndarray]:
     """Random top-k maps on a non-square grid (an x/y mix-up shows) with distinct indices per position."""
     scores = rng.normal(size=(k, h, w)).astype(np.float32) * 5 + 10
@@ -39,7 +27,7 @@ def _maps(rng: np.random.Generator, k: int = 5, h: int = 15, w: int = 13) -> tup
 
 @pytest.mark.parametrize("name", SPATIAL)
 def test_spatial_label_ops_equal_tlt(name):
-    tlt_aug = _tlt_module("random_augment_label")
+    tlt_aug = tlt_data_module("random_augment_label")
     rng = np.random.default_rng(0)
     scores, indices = _maps(rng)
     moved = 0

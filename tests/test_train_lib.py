@@ -210,20 +210,14 @@ def test_token_labeling_loss_and_gradients_match_timm_and_tlt(monkeypatch):
     our ``loss_and_grads(token_label=...)`` on the same weights, batch and box. (The loss without the ground-truth
     correction is compared with tlt's in test_token_label.py.)"""
     ground_truth = True
-    import importlib.util
-    from pathlib import Path
-
     import timm.models.volo as tvolo
+    from tlt_reference import tlt_data_module, tlt_input
 
     from volo_jax import token_label as tl
     from volo_jax.models import volo as jvolo
 
     tlt_loss = pytest.importorskip("tlt.loss")
-    spec = importlib.util.find_spec("tlt")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mixup.py"
-    mod_spec = importlib.util.spec_from_file_location("_tlt_mixup", path)
-    tlt_mixup = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(tlt_mixup)
+    tlt_mixup = tlt_data_module("mixup")
 
     torch.manual_seed(0)
     ref = randomize_timm_model(timm.create_model("volo_d1_224", num_classes=10, use_mix_token=True), seed=1)
@@ -239,11 +233,8 @@ def test_token_labeling_loss_and_gradients_match_timm_and_tlt(monkeypatch):
     labels = np.array([1, 4, 4, 9])
     targets = tl.token_label_targets(scores, indices, boxes, labels, num_classes=C, label_size=14, smoothing=0.1)
 
-    # tlt's targets from its own (B, 3, k, H, W) tensor: maps, then coords at [:, 2, 0, 0, :4], ground truth at [5]
-    packed = np.zeros((B, 3, k, H, W), np.float32)
-    packed[:, 0], packed[:, 1] = scores, indices
-    packed[:, 2, 0, 0, :4], packed[:, 2, 0, 0, 5] = boxes, labels
-    targets_t = tlt_mixup.mixup_target(torch.from_numpy(packed), C, 1.0, 0.1, device="cpu", label_size=14)
+    targets_t = tlt_mixup.mixup_target(tlt_input(scores, indices, boxes, labels), C, 1.0, 0.1, device="cpu",
+                                       label_size=14)
     np.testing.assert_allclose(np.asarray(targets), targets_t.numpy().transpose(0, 2, 1), atol=1e-5)
 
     # the MixToken box our forward_train draws from `key`, handed to timm's forward_train
