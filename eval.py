@@ -31,6 +31,7 @@ import volo_jax
 from volo_jax import data, train_lib
 from volo_jax.checkpoint import write_atomic
 from volo_jax.hub import load_model
+from volo_jax.xla import compiler_options
 
 _logger = logging.getLogger("eval")
 
@@ -179,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, rep)
     step = jax.jit(lambda state, x, y, m: train_lib.eval_step(graphdef, (state,), x, y, m),
-                   in_shardings=(rep, shard, shard, shard), out_shardings=(rep, shard))
+                   in_shardings=(rep, shard, shard, shard), out_shardings=(rep, shard),
+                   compiler_options=compiler_options())
     h, w = cfg.img_size
     B = args.batch_size
     t0 = time.perf_counter()

@@ -47,6 +47,7 @@ from flax import nnx
 import volo_jax
 from volo_jax import data, train_lib
 from volo_jax.checkpoint import TrainCheckpoints, load_flat_tensors, write_atomic
+from volo_jax.xla import compiler_options
 
 _logger = logging.getLogger("train")
 
@@ -265,7 +266,8 @@ def _eval_fn(graphdef: Any, rep: Any, shard: Any) -> Any:
     key = id(graphdef)
     if key not in _EVAL_FNS:
         _EVAL_FNS[key] = jax.jit(lambda states, x, y, m: train_lib.eval_step(graphdef, states, x, y, m),
-                                 in_shardings=(rep, shard, shard, shard), out_shardings=(rep, shard))
+                                 in_shardings=(rep, shard, shard, shard), out_shardings=(rep, shard),
+                                 compiler_options=compiler_options())
     return _EVAL_FNS[key]
 
 

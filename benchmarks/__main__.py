@@ -15,6 +15,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "outlook": ("benchmarks.bench_outlook", "VOLO outlook attention: jitted JAX vs timm eager, forward and backward"),
     "models": ("benchmarks.bench_models", "whole models vs timm eager/compile: inference, train step, compile, "
                                           "memory, conversion"),
+    "xla": ("benchmarks.bench_xla", "XLA compiler options A/B: our programs with XLA's defaults vs "
+                                    "volo_jax.xla.compiler_options()"),
     "input": ("benchmarks.bench_input", "input pipeline alone: our grain streams vs timm transforms + DataLoader"),
 }
 

@@ -47,6 +47,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from volo_jax.xla import compiler_options  # noqa: E402
+
 SEED_MODELS = ["volo_d1_224", "poolformer_m36", "ese_vovnet19b_dw", "convit_base"]
 
 
@@ -151,7 +153,7 @@ def bench_inference(name: str, ref: Any, ours: Any, size: int, batch: int, args:
     xt = torch.from_numpy(x).to(device, tdtype)
     xj = jax.device_put(jnp.asarray(x.transpose(0, 2, 3, 1)))  # NHWC
     graphdef, state = nnx.split(ours)
-    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=compiler_options())
     out: dict[str, float] = {}
 
     t0 = time.perf_counter()  # first call = trace + lower + XLA compile + run
@@ -198,7 +200,8 @@ def _ours_step(ours: Any, batch: int, size: int) -> Callable[[], None]:
     graphdef, state = train_lib.create_train_state(ours, tx, seed=0)
     mix = train_lib.MixConfig(mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0,
                               num_classes=ours.num_classes)
-    step = jax.jit(lambda s, x, y: train_lib.train_step(graphdef, tx, mix, 0.0, s, x, y), donate_argnums=0)
+    step = jax.jit(lambda s, x, y: train_lib.train_step(graphdef, tx, mix, 0.0, s, x, y), donate_argnums=0,
+                   compiler_options=compiler_options())
     rng = np.random.default_rng(0)
     x = jax.device_put(jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32))
     y = jax.device_put(jnp.asarray(rng.integers(0, ours.num_classes, batch), jnp.int32))

@@ -37,6 +37,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from volo_jax.xla import compiler_options
+
 # Parameter names timm's models list in ``no_weight_decay()`` (VOLO, ConViT); 1-D parameters are excluded anyway.
 NO_WEIGHT_DECAY_NAMES = frozenset({"pos_embed", "cls_token"})
 
@@ -391,18 +393,20 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mix
     ``token_label.label_maps``.
     """
     rep, shard = replicated(mesh), batch_sharded(mesh)
+    options = compiler_options(mesh.devices.flat[0].platform)  # XLA:CPU: memory-optimized scheduler (volo_jax.xla)
     if token_label is not None and token_label.label_maps:
         def step_maps(state: TrainState, images: jax.Array, labels: jax.Array, maps: dict[str, jax.Array]
                       ) -> tuple[TrainState, dict]:
             return train_step(graphdef, tx, mix, ema_decay, state, images, labels, maps, token_label=token_label)
 
         return jax.jit(step_maps, in_shardings=(rep, shard, shard, shard), out_shardings=(rep, rep),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,), compiler_options=options)
 
     def step(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[TrainState, dict]:
         return train_step(graphdef, tx, mix, ema_decay, state, images, labels, token_label=token_label)
 
-    return jax.jit(step, in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=(0,),
+                   compiler_options=options)
 
 
 def global_batch_size(per_device: int, mesh: Mesh) -> int:

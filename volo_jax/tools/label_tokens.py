@@ -49,6 +49,7 @@ from volo_jax.models.poolformer import MetaFormer
 from volo_jax.models.volo import VOLO
 from volo_jax.models.vovnet import VovNet
 from volo_jax.token_label_store import TokenLabelError, TokenLabelWriter
+from volo_jax.xla import compiler_options
 
 _logger = logging.getLogger("label_tokens")
 
@@ -172,7 +173,8 @@ def make_step(model: nnx.Module, k: int, batch: int, input_hw: tuple[int, int], 
 
     spec = jax.ShapeDtypeStruct((batch, *input_hw, in_chans), jnp.float32, sharding=shard)
     out = jax.eval_shape(step, state, spec)  # raises early for an unsupported model or a k beyond the classes
-    compiled = jax.jit(step, in_shardings=(rep, shard), out_shardings=(shard, shard)).lower(state, spec).compile()
+    compiled = jax.jit(step, in_shardings=(rep, shard), out_shardings=(shard, shard),
+                       compiler_options=compiler_options()).lower(state, spec).compile()
     return (lambda x: compiled(state, jax.device_put(x, shard))), tuple(out[0].shape[2:4])
 
 
