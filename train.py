@@ -142,6 +142,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 # on/off flags (--x / --no-x); None when not given, so the config file's value stays.
 BOOL_FLAGS: dict[str, tuple[str, str]] = {
+    "--grad-checkpointing": ("grad_checkpointing", "recompute each block's forward in the backward pass (timm's "
+                                                   "flag, nnx.remat per block): activation memory for ~1 extra "
+                                                   "forward on GPU/TPU; XLA:CPU gains no memory from it"),
     "--token-label": ("token_label", "VOLO's token labeling objective: class-token loss + per-token loss of the aux "
                                      "head, MixToken (VOLO models only)"),
     "--ground-truth": ("ground_truth", "token labeling: mix the ground-truth label into the class target (the VOLO "
@@ -441,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # unknown model, bad checkpoint: the message is the point
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     size = model.pretrained_cfg["input_size"][1:]
     data_cfg = model.pretrained_cfg
     aa = None if cfg.auto_augment.lower() in ("", "none") else cfg.auto_augment

@@ -34,6 +34,7 @@ from volo_jax.layers import (
     Mlp,
     dropout,
     layer_norm,
+    run_block,
     torch_default_kernel_init,
     trunc_normal_02,
 )
@@ -249,6 +250,7 @@ class ConVit(nnx.Module):
 
         # timm's calculate_drop_path_rates: linspace(0, rate, depth)
         dpr = [cfg.drop_path_rate * i / (cfg.depth - 1) if cfg.depth > 1 else 0.0 for i in range(cfg.depth)]
+        self.grad_checkpointing = False  # set_grad_checkpointing()
         self.blocks = nnx.List([
             Block(embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                   proj_drop=cfg.proj_drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=dpr[i],
@@ -281,10 +283,15 @@ class ConVit(nnx.Module):
                 B, _, C = x.shape
                 cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (B, 1, C))
                 x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, C)
-            x = block(x)
+            x = run_block(block, x, self.grad_checkpointing)
             if take is not None and i in take:
                 taken.append(x)
         return x, taken
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's ``set_grad_checkpointing``: run every block under ``nnx.remat`` (see ``layers.run_block``), trading
+        about one extra forward per step for activation memory. Set before ``nnx.split``/``jit``: the flag is static."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """Images ``(B, H, W, in_chans)`` -> normalised tokens ``(B, 1 + N, C)`` (class token first)."""

@@ -34,6 +34,7 @@ from volo_jax.layers import (
     Linear,
     dropout,
     gelu,
+    run_block,
     trunc_normal_02,
 )
 from volo_jax.ops import avg_pool2d, conv_general_dilated
@@ -233,6 +234,7 @@ class MetaFormerStage(nnx.Module):
         dd = dict(dtype=dtype, param_dtype=param_dtype)
         self.downsample = None if in_chs == out_chs else \
             Downsampling(in_chs, out_chs, cfg.downsample_norm, **dd, rngs=rngs)
+        self.grad_checkpointing = False  # MetaFormer.set_grad_checkpointing()
         self.blocks = nnx.List([
             MetaFormerBlock(out_chs, cfg, dp_rates[i], layer_scale, res_scale, **dd, rngs=rngs) for i in range(depth)
         ])
@@ -241,7 +243,7 @@ class MetaFormerStage(nnx.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, self.grad_checkpointing)
         return x
 
 
@@ -300,6 +302,12 @@ class MetaFormer(nnx.Module):
         self.stage_ends = list(range(num_stages))
         self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.global_pool, cfg.drop_rate, **dd,
                                    rngs=rngs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's ``set_grad_checkpointing``: run every block under ``nnx.remat`` (see ``layers.run_block``), trading
+        about one extra forward per step for activation memory. Set before ``nnx.split``/``jit``: the flag is static."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """Images ``(B, H, W, in_chans)`` -> final feature map ``(B, H/32, W/32, C)`` (not normalised, like timm)."""

@@ -33,6 +33,7 @@ from volo_jax.layers import (
     batch_norm,
     dropout,
     layer_norm,
+    run_block,
     torch_default_kernel_init,
     trunc_normal_02,
 )
@@ -298,6 +299,7 @@ class VOLO(nnx.Module):
         self.pos_drop = dropout(cfg.pos_drop_rate, rngs)
 
         total = sum(cfg.layers)
+        self.grad_checkpointing = False  # set_grad_checkpointing()
         self.stage_ends: list[int] = []
         self.feature_info: list[dict[str, Any]] = []
         network = []
@@ -355,7 +357,7 @@ class VOLO(nnx.Module):
                 x = self.pos_drop(x + self.pos_embed[...])
             if isinstance(stage, nnx.List):
                 for block in stage:
-                    x = block(x)
+                    x = run_block(block, x, self.grad_checkpointing)
             else:
                 x = stage(x)
             if take is not None and idx in take:
@@ -374,8 +376,13 @@ class VOLO(nnx.Module):
         cls_tokens = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (B, 1, C))
         x = jnp.concatenate([cls_tokens, x], axis=1)
         for block in self.post_network:
-            x = block(x)
+            x = run_block(block, x, self.grad_checkpointing)
         return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's ``set_grad_checkpointing``: run every block under ``nnx.remat`` (see ``layers.run_block``), trading
+        about one extra forward per step for activation memory. Set before ``nnx.split``/``jit``: the flag is static."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """Images ``(B, H, W, in_chans)`` -> normalised tokens ``(B, 1 + N, C)`` (class token first)."""

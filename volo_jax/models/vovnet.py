@@ -39,6 +39,7 @@ from volo_jax.layers import (
     Linear,
     batch_norm,
     dropout,
+    run_block,
     torch_default_kernel_init,
 )
 from volo_jax.ops import conv_general_dilated, max_pool2d
@@ -238,13 +239,14 @@ class OsaStage(nnx.Module):
                                    depthwise=depthwise, attn=attn if last else "", drop_path=drop_path_rates[i],
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs))
             in_chs = out_chs
+        self.grad_checkpointing = False  # VovNet.set_grad_checkpointing()
         self.blocks = nnx.List(blocks)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.pool is not None:
             x = self.pool(x)  # (B, ceil((H - 3) / 2) + 1, ..., C)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, self.grad_checkpointing)
         return x
 
 
@@ -310,6 +312,12 @@ class VovNet(nnx.Module):
         self.stage_ends = list(range(5))
         self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.global_pool, cfg.drop_rate, **dd,
                                    rngs=rngs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's ``set_grad_checkpointing``: run every block under ``nnx.remat`` (see ``layers.run_block``), trading
+        about one extra forward per step for activation memory. Set before ``nnx.split``/``jit``: the flag is static."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def forward_features(self, x: jax.Array) -> jax.Array:
         """Images ``(B, H, W, in_chans)`` -> final feature map ``(B, H/32, W/32, C)``."""
