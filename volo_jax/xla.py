@@ -7,9 +7,9 @@ memory-optimized scheduler orders the same program to keep fewer buffers live. S
 faster, because a smaller working set stays in cache and fewer pages are touched (``python -m benchmarks xla``
 compiles the same programs both ways and times them in turn; its table is in the README):
 
-- training step, batch 8: XLA's temp buffers volo_d1_224 2201 -> 1627 MiB, ese_vovnet19b_dw 1428 -> 769 MiB;
-  step throughput +22 % (volo_d1), +10 % (VoVNet), +47 % (PoolFormer-M36, ConViT-B), same loss to the last bit;
-- inference, batch 8: +2-4 %.
+- training step, batch 8: XLA's temp buffers volo_d1_224 2184 -> 1610 MiB, ese_vovnet19b_dw 1384 -> 711 MiB,
+  convit_base 2718 -> 1739 MiB; step throughput 1.15-1.42x on the four seed models, the same loss to the last bit;
+- inference, batch 8: no change beyond the machine's noise (0.93-1.26x in one run, +2-4 % in another).
 
 The option is a field of XLA's ``DebugOptions``; a jaxlib whose XLA does not know it (jax >= 0.6 is allowed) gets
 no options rather than a compile error. GPU/TPU get none: their schedulers are latency/memory aware already.
