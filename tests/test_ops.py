@@ -1,5 +1,7 @@
 """`volo_jax.ops` one-to-one against `torch.nn.functional` (values and gradients), NHWC vs NCHW at the boundary."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,14 +76,42 @@ MAX_CASES = [
 ]
 
 
+MAX_IMPLS = ["slices", "reduce_window"]
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode", MAX_CASES)
-def test_max_pool2d(size, kernel, stride, padding, ceil_mode):
+@pytest.mark.parametrize("impl", MAX_IMPLS)
+def test_max_pool2d(size, kernel, stride, padding, ceil_mode, impl):
     x = _x((2, *size, 3))
     ref = F.max_pool2d(_nchw(x), kernel, stride, padding, ceil_mode=ceil_mode)
-    out = ops.max_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode)
+    out = ops.max_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode, impl=impl)
     assert out.shape == _nhwc(ref).shape
-    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
+    np.testing.assert_array_equal(np.asarray(out), _nhwc(ref))  # a max is exact
+
+
+@pytest.mark.parametrize("size", [(15, 15), (9, 13), (28, 28)])
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode", MAX_CASES)
+@pytest.mark.parametrize("impl", MAX_IMPLS)
+def test_max_pool2d_grad_with_ties_goes_to_first_max(size, kernel, stride, padding, ceil_mode, impl):
+    """Post-ReLU maps (VoVNet's stage pools) are full of tied zeros: each window's gradient must go to its FIRST
+    maximum in row-major order, as torch's kernel and XLA's select_and_scatter do, and nowhere else."""
+    x = np.maximum(np.round(_x((2, *size, 4), seed=7) * 2) / 2, 0).astype(np.float32)  # ties at 0, 0.5, 1, ...
+    xt = _nchw(x).requires_grad_(True)
+    ref = F.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+    g = _x(_nhwc(ref).shape, seed=8)
+    (ref * _nchw(g)).sum().backward()
+
+    def f(a):
+        return jnp.sum(ops.max_pool2d(a, kernel, stride, padding, ceil_mode, impl=impl) * g)
+
+    grad = jax.jit(jax.grad(f))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), _nhwc(xt.grad), **TOL)  # sums of g: only the order differs
+
+
+def test_max_pool2d_rejects_unknown_impl():
+    with pytest.raises(ValueError, match="impl='cudnn'"):
+        ops.max_pool2d(jnp.zeros((1, 4, 4, 2)), 2, impl="cudnn")
 
 
 @pytest.mark.parametrize("size", [(15, 15), (9, 13)])
@@ -93,11 +123,15 @@ def test_max_pool2d(size, kernel, stride, padding, ceil_mode):
         ("avg", (3, 2, 1, True, False)),
         ("max", (3, 2, 0, True)),
         ("max", (3, 2, 1, False)),
+        ("max_reduce_window", (3, 2, 0, True)),
+        ("max_reduce_window", (3, 2, 1, False)),
     ],
 )
 def test_pool_grads(size, pool, args):
     x = _x((2, *size, 3))
     fn_t, fn_j = (F.avg_pool2d, ops.avg_pool2d) if pool == "avg" else (F.max_pool2d, ops.max_pool2d)
+    if pool == "max_reduce_window":  # the default ('auto') is 'slices' on CPU: the other formulation too
+        fn_j = functools.partial(ops.max_pool2d, impl="reduce_window")
     xt = _nchw(x).requires_grad_(True)
     ref = fn_t(xt, *args) if pool == "avg" else fn_t(xt, *args[:3], ceil_mode=args[3])
     g = _x(_nhwc(ref).shape, seed=1)

@@ -4,7 +4,8 @@ Every function here is a drop-in for its `torch.nn.functional` namesake (with th
 one-to-one against it in `tests/test_ops.py`:
 
 - `avg_pool2d`: incl. `ceil_mode` (VOLO's outlook-attention pool) and `count_include_pad=False` (PoolFormer).
-- `max_pool2d`: incl. `ceil_mode` (VoVNet).
+- `max_pool2d`: incl. `ceil_mode` (VoVNet); on XLA:CPU as a max over strided slices with an int8-argmax gradient
+  (see `_max_pool_slices`).
 - `unfold` / `fold`: torch's `F.unfold` / `F.fold` (overlapping sum), with the k*k kernel-offset axis kept explicit.
 - `depthwise_conv2d`: `F.conv2d(groups=C)` without bias, as k*k shifted multiply-adds on XLA:CPU (see there).
 - `conv_general_dilated`: `lax.conv_general_dilated` routing 1x1 and depthwise convolutions as above (see there).
@@ -17,6 +18,7 @@ Python loops only over the k*k kernel offsets, never over output positions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,6 +148,8 @@ def max_pool2d(
     stride: IntPair | None = None,
     padding: IntPair = 0,
     ceil_mode: bool = False,
+    *,
+    impl: str = "auto",
 ) -> jax.Array:
     """`torch.nn.functional.max_pool2d` on an NHWC tensor (padding acts as -inf, as in torch).
 
@@ -155,13 +159,119 @@ def max_pool2d(
         stride: Window stride; defaults to `kernel_size` like torch.
         padding: Implicit -inf padding on both sides, at most half the kernel.
         ceil_mode: Use ceil instead of floor for the output size (torch's rule on the last window).
+        impl: ``'auto'`` (``'slices'`` on CPU, ``'reduce_window'`` elsewhere), ``'slices'`` or ``'reduce_window'``.
+            Same values and gradients; see :func:`_max_pool_slices` for why XLA:CPU wants the slices.
 
     Returns:
         (B, h, w, C) pooled tensor, h and w as in torch.
     """
+    if impl == "auto":
+        impl = "slices" if jax.default_backend() == "cpu" else "reduce_window"
+    if impl == "slices":
+        kh, kw = _pair(kernel_size)
+        sh, sw = _pair(kernel_size if stride is None else stride)
+        ph, pw = _pair(padding)
+        _, H, W, _ = x.shape
+        oh, ow = pool_out_size(H, kh, sh, ph, ceil_mode), pool_out_size(W, kw, sw, pw, ceil_mode)
+        pads = (_pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow))
+        return _max_pool_slices(x, (kh, kw), (sh, sw), pads)
+    if impl != "reduce_window":
+        raise ValueError(f"impl={impl!r}: 'auto', 'slices' or 'reduce_window'")
     # concrete init: differentiable under jit (see avg_pool2d)
     pooled, _ = _reduce_pool(x, np.array(-np.inf, x.dtype), lax.max, kernel_size, stride, padding, ceil_mode)
     return pooled  # (B, oh, ow, C)
+
+
+Pads2 = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+def _window_taps(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int], pads: Pads2,
+                 fill: float) -> list[jax.Array]:
+    """The kh*kw strided slices of ``x`` padded with ``fill``, row-major over the kernel offsets: tap ``i * kw + j``
+    is ``(B, oh, ow, C)`` with ``tap[b, r, c] = x_padded[b, r * sh + i, c * sw + j]``."""
+    (kh, kw), (sh, sw) = kernel, stride
+    B, H, W, C = x.shape
+    oh = (H + sum(pads[0]) - kh) // sh + 1
+    ow = (W + sum(pads[1]) - kw) // sw + 1
+    xp = lax.pad(x, jnp.asarray(fill, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    return [lax.slice(xp, (0, i, j, 0), (B, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, C), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+def _max_pool_argmax(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int],
+                     pads: Pads2) -> tuple[jax.Array, jax.Array]:
+    """Running maximum over the window taps and the int8 tap index of each window's FIRST maximum in row-major
+    order (torch's CPU kernel: a later element replaces the running max only if strictly greater, or NaN)."""
+    if kernel[0] * kernel[1] > 127:
+        raise ValueError(f"max_pool2d(impl='slices'): kernel {kernel} has more than 127 offsets (int8 argmax)")
+    taps = _window_taps(x, kernel, stride, pads, -np.inf)
+    out, arg = taps[0], jnp.zeros(taps[0].shape, jnp.int8)  # (B, oh, ow, C)
+    for t, tap in enumerate(taps[1:], start=1):
+        take = (tap > out) | jnp.isnan(tap)  # torch: `if ((val > maxval) || std::isnan(val))`
+        out = jnp.where(take, tap, out)
+        arg = jnp.where(take, jnp.int8(t), arg)
+    return out, arg
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_slices(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int], pads: Pads2) -> jax.Array:
+    """Max pooling as a running maximum over the kh*kw strided slices of the -inf-padded input, with a hand-written
+    gradient (reverse mode only; ``impl='reduce_window'`` also has forward mode).
+
+    Why: JAX differentiates ``reduce_window(max)`` through ``select_and_scatter``/``_select_and_gather_add``, which
+    XLA:CPU runs as a variadic reduce-window carrying four int32 index maps per window plus a scatter: about 14 % of
+    ese_vovnet19b_dw's training step for its three stage pools (profiled, 2 cores). Here the forward saves only the
+    int8 argmax, and the gradient routes each output gradient to its window's first maximum (what torch and XLA's
+    ``select_and_scatter`` do) as a few fused elementwise loops: see :func:`_max_pool_slices_bwd`.
+    """
+    taps = _window_taps(x, kernel, stride, pads, -np.inf)
+    out = taps[0]
+    for tap in taps[1:]:
+        out = jnp.maximum(out, tap)  # NaN-propagating like torch; the value does not depend on the order
+    return out  # (B, oh, ow, C)
+
+
+def _max_pool_slices_fwd(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int],
+                         pads: Pads2) -> tuple[jax.Array, tuple[jax.Array, tuple[int, int]]]:
+    out, arg = _max_pool_argmax(x, kernel, stride, pads)
+    return out, (arg, x.shape[1:3])
+
+
+def _max_pool_slices_bwd(kernel: tuple[int, int], stride: tuple[int, int], pads: Pads2,
+                         res: tuple[jax.Array, tuple[int, int]], g: jax.Array) -> tuple[jax.Array]:
+    """Gradient in gather form, one stride phase at a time.
+
+    Padded input row ``r = q * sh + a`` (phase ``a``) receives from output row ``o`` through kernel row ``i`` iff
+    ``r = o * sh + i``, i.e. ``i = a (mod sh)`` and ``o = q - (i - a) // sh``. So each phase's gradient is a sum of
+    the masked output gradients of its own taps, each shifted by a few rows/columns (a small pad at output
+    resolution); every tap belongs to exactly one phase, so XLA fuses each phase into one loop. Interleaving the
+    phases and cropping the padding gives the input gradient. (Transposing the slices instead gives one full-size pad
+    per tap that XLA:CPU neither fuses nor shares: no faster than ``select_and_scatter``.)
+    """
+    arg, (H, W) = res
+    (kh, kw), (sh, sw) = kernel, stride
+    B, oh, ow, C = g.shape
+    hp, wp = H + sum(pads[0]), W + sum(pads[1])
+    hq, wq = ceil_div(hp, sh), ceil_div(wp, sw)  # rows/cols per phase
+    zero = jnp.zeros((), g.dtype)
+    phases = []
+    for a in range(sh):
+        row = []
+        for b in range(sw):
+            acc = jnp.zeros((B, hq, wq, C), g.dtype)
+            for i in range(a, kh, sh):
+                for j in range(b, kw, sw):
+                    di, dj = (i - a) // sh, (j - b) // sw
+                    masked = jnp.where(arg == i * kw + j, g, zero)  # (B, oh, ow, C)
+                    acc = acc + lax.pad(masked, zero, ((0, 0, 0), (di, hq - oh - di, 0), (dj, wq - ow - dj, 0),
+                                                       (0, 0, 0)))  # (B, hq, wq, C)
+            row.append(acc)
+        phases.append(jnp.stack(row, axis=3))  # (B, hq, wq, sw, C)
+    full = jnp.stack(phases, axis=2).reshape(B, hq * sh, wq * sw, C)  # (B, hq, sh, wq, sw, C) interleaved
+    return (full[:, pads[0][0]:pads[0][0] + H, pads[1][0]:pads[1][0] + W],)
+
+
+_max_pool_slices.defvjp(_max_pool_slices_fwd, _max_pool_slices_bwd)
 
 
 def unfold(x: jax.Array, kernel_size: IntPair, padding: IntPair = 0, stride: IntPair = 1) -> jax.Array:
