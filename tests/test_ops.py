@@ -336,3 +336,18 @@ def test_conv_general_dilated_depthwise_path_equals_lax(stride, padding):
     prims = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).jaxpr.eqns}
     sliced = padding[0] == (1, 1) and jax.default_backend() == "cpu"
     assert ("conv_general_dilated" in prims) != sliced, prims
+
+
+def test_gelu_equals_torch_exact_gelu_values_and_grads():
+    """layers.gelu is torch.nn.GELU() (erf form, not tanh), written with erf for XLA:CPU speed; bf16 stays bf16."""
+    from volo_jax.layers import gelu
+
+    x = _x((4096,), seed=9) * 4
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ref = F.gelu(xt)
+    ref.sum().backward()
+    out, vjp = jax.vjp(gelu, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(out))[0]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(out) - np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True))).max() > 1e-4
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from flax import nnx
 
@@ -41,9 +42,19 @@ trunc_normal_02 = timm_trunc_normal(0.02)
 torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+_SQRT_HALF = 0.7071067811865476  # a Python float: weakly typed, so bf16 inputs stay bf16
+
+
 def gelu(x: jax.Array) -> jax.Array:
-    """torch.nn.GELU(): the exact erf form, not the tanh approximation jax.nn.gelu defaults to."""
-    return jax.nn.gelu(x, approximate=False)
+    """torch.nn.GELU(): the exact erf form, not the tanh approximation jax.nn.gelu defaults to.
+
+    Written as torch's own formula, ``0.5 * x * (1 + erf(x / sqrt(2)))``, rather than ``jax.nn.gelu(x,
+    approximate=False)``, which uses ``erfc``: XLA:CPU's f32 erfc costs ~4x its erf (3.9 vs 1.0 ns per element on
+    (8, 196, 1536), 2 cores; torch 0.9) and its fusion keeps more temporaries. Same values to ~1e-6 absolute;
+    measured on the jitted training step in one process: poolformer_m36 1.11x faster (temp buffers 2536 -> 2086 MiB),
+    volo_d1 and convit_base within noise (temp 1610 -> 1464, 1739 -> 1541 MiB).
+    """
+    return x * 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
 
 
 class ReLU(nnx.Module):
