@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from volo_jax.ops import dot_general
 
