@@ -96,19 +96,28 @@ def _reduce_pool(
     Returns:
         The (B, oh, ow, C) reduction and ``(H, W, kh, kw, sh, sw, ph, pw, oh, ow)`` for divisors.
     """
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(kernel_size if stride is None else stride)
-    ph, pw = _pair(padding)
-    _, H, W, _ = x.shape
-    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
-    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
+    geometry = _pool_geometry(x.shape, kernel_size, stride, padding, ceil_mode)
+    H, W, kh, kw, sh, sw, ph, pw, oh, ow = geometry
     reduced = lax.reduce_window(
         x, init, op,
         window_dimensions=(1, kh, kw, 1),
         window_strides=(1, sh, sw, 1),
         padding=((0, 0), _pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow), (0, 0)),
     )
-    return reduced, (H, W, kh, kw, sh, sw, ph, pw, oh, ow)
+    return reduced, geometry
+
+
+def _pool_geometry(shape: tuple[int, ...], kernel_size: IntPair, stride: IntPair | None, padding: IntPair,
+                   ceil_mode: bool) -> tuple[int, ...]:
+    """``(H, W, kh, kw, sh, sw, ph, pw, oh, ow)`` of a torch pool over an NHWC ``shape`` (stride defaults to the
+    kernel, output sizes by torch's rule, which also validates the arguments)."""
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(kernel_size if stride is None else stride)
+    ph, pw = _pair(padding)
+    _, H, W, _ = shape
+    oh = pool_out_size(H, kh, sh, ph, ceil_mode)
+    ow = pool_out_size(W, kw, sw, pw, ceil_mode)
+    return H, W, kh, kw, sh, sw, ph, pw, oh, ow
 
 
 def avg_pool2d(
@@ -168,11 +177,7 @@ def max_pool2d(
     if impl == "auto":
         impl = "slices" if jax.default_backend() == "cpu" else "reduce_window"
     if impl == "slices":
-        kh, kw = _pair(kernel_size)
-        sh, sw = _pair(kernel_size if stride is None else stride)
-        ph, pw = _pair(padding)
-        _, H, W, _ = x.shape
-        oh, ow = pool_out_size(H, kh, sh, ph, ceil_mode), pool_out_size(W, kw, sw, pw, ceil_mode)
+        H, W, kh, kw, sh, sw, ph, pw, oh, ow = _pool_geometry(x.shape, kernel_size, stride, padding, ceil_mode)
         pads = (_pool_pads(H, kh, sh, ph, oh), _pool_pads(W, kw, sw, pw, ow))
         return _max_pool_slices(x, (kh, kw), (sh, sw), pads)
     if impl != "reduce_window":
@@ -294,15 +299,10 @@ def unfold(x: jax.Array, kernel_size: IntPair, padding: IntPair = 0, stride: Int
     kh, kw = _pair(kernel_size)
     ph, pw = _pair(padding)
     sh, sw = _pair(stride)
-    B, H, W, C = x.shape
-    oh = unfold_out_size(H, kh, sh, ph)
-    ow = unfold_out_size(W, kw, sw, pw)
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))  # (B, H + 2ph, W + 2pw, C)
-    patches = [
-        lax.slice(xp, (0, ki, kj, 0), (B, ki + (oh - 1) * sh + 1, kj + (ow - 1) * sw + 1, C), (1, sh, sw, 1))
-        for ki in range(kh)
-        for kj in range(kw)
-    ]  # kh*kw x (B, oh, ow, C)
+    _, H, W, _ = x.shape
+    unfold_out_size(H, kh, sh, ph)  # torch's size checks with torch's messages; _window_taps derives the same sizes
+    unfold_out_size(W, kw, sw, pw)
+    patches = _window_taps(x, (kh, kw), (sh, sw), ((ph, ph), (pw, pw)), 0.0)  # kh*kw x (B, oh, ow, C)
     return jnp.stack(patches, axis=3)  # (B, oh, ow, kh*kw, C)
 
 
@@ -398,16 +398,12 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: 
                                         precision=precision)
     if impl != "slices":
         raise ValueError(f"impl={impl!r}: 'auto', 'slices' or 'conv'")
-    B, H, W, _ = x.shape
-    oh, ow = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    # tap i*kw+j (B, oh, ow, C): input rows i, i+s, ... under the output rows
+    taps = _window_taps(x, (kh, kw), (stride, stride), ((padding, padding), (padding, padding)), 0.0)
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(xp, (0, i, j, 0), (B, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, C),
-                            (1, stride, stride, 1))  # (B, oh, ow, C): input rows i, i+s, ... under output rows
-            term = tap * kernel[i, j, 0]
-            out = term if out is None else out + term
+    for t, tap in enumerate(taps):
+        term = tap * kernel[t // kw, t % kw, 0]
+        out = term if out is None else out + term
     return out
 
 
