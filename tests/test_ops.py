@@ -109,6 +109,22 @@ def test_max_pool2d_grad_with_ties_goes_to_first_max(size, kernel, stride, paddi
     np.testing.assert_allclose(np.asarray(grad), _nhwc(xt.grad), **TOL)  # sums of g: only the order differs
 
 
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode", MAX_CASES)
+def test_max_pool2d_nan_values_and_grad_follow_torch(kernel, stride, padding, ceil_mode):
+    """A NaN wins its window and, of two NaNs, the LATER one takes the gradient (torch's ``val > max || isnan(val)``
+    running rule); ``impl='slices'`` keeps that rule with its order-free reduce comparator."""
+    x = _x((2, 13, 11, 3), seed=9)
+    x[np.random.default_rng(10).random(x.shape) < 0.15] = np.nan  # many windows hold one NaN, some two or more
+    xt = _nchw(x).requires_grad_(True)
+    ref = F.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+    g = _x(_nhwc(ref).shape, seed=11)
+    (ref * _nchw(g)).sum().backward()
+    out, vjp = jax.vjp(lambda a: ops.max_pool2d(a, kernel, stride, padding, ceil_mode, impl="slices"), jnp.asarray(x))
+    assert np.isnan(np.asarray(out)).mean() > 0.2
+    np.testing.assert_array_equal(np.asarray(out), _nhwc(ref))
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), _nhwc(xt.grad), **TOL)
+
+
 def test_max_pool2d_rejects_unknown_impl():
     with pytest.raises(ValueError, match="impl='cudnn'"):
         ops.max_pool2d(jnp.zeros((1, 4, 4, 2)), 2, impl="cudnn")
