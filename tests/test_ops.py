@@ -47,15 +47,20 @@ AVG_CASES = [
     (4, 3, 2, True, True),
     (2, 3, 1, True, True),
     ((3, 2), (2, 1), (1, 0), True, True),
+    (2, 1, 0, False, True),  # stride 1 (the box-sum path on CPU): even kernel, no padding
+    (5, 1, 2, True, False),
+    ((3, 5), 1, (1, 2), False, True),
 ]
+AVG_IMPLS = ["auto", "reduce_window"]  # 'auto' is the slices box sum for the stride-1 cases on CPU
 
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode,count_include_pad", AVG_CASES)
-def test_avg_pool2d(size, kernel, stride, padding, ceil_mode, count_include_pad):
+@pytest.mark.parametrize("impl", AVG_IMPLS)
+def test_avg_pool2d(size, kernel, stride, padding, ceil_mode, count_include_pad, impl):
     x = _x((2, *size, 3))
     ref = F.avg_pool2d(_nchw(x), kernel, stride, padding, ceil_mode, count_include_pad)
-    out = ops.avg_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode, count_include_pad)
+    out = ops.avg_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode, count_include_pad, impl=impl)
     assert out.shape == _nhwc(ref).shape
     np.testing.assert_allclose(np.asarray(out), _nhwc(ref), **TOL)
 
@@ -130,6 +135,18 @@ def test_max_pool2d_rejects_unknown_impl():
         ops.max_pool2d(jnp.zeros((1, 4, 4, 2)), 2, impl="cudnn")
 
 
+def test_avg_pool2d_impl_errors_and_auto_choice():
+    with pytest.raises(ValueError, match="impl='cudnn'"):
+        ops.avg_pool2d(jnp.zeros((1, 4, 4, 2)), 2, impl="cudnn")
+    with pytest.raises(ValueError, match="needs stride 1"):
+        ops.avg_pool2d(jnp.zeros((1, 4, 4, 2)), 2, 2, impl="slices")
+    # on CPU 'auto' takes the box sum for stride 1: no reduce_window in the program (forward or gradient)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: ops.avg_pool2d(a, 3, 1, 1).sum()))(jnp.ones((1, 5, 5, 2))))
+    assert "reduce_window" not in jaxpr and "custom_vjp_call" in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda a: ops.avg_pool2d(a, 2, 2))(jnp.ones((1, 4, 4, 2))))
+    assert "reduce_window_sum" in jaxpr
+
+
 @pytest.mark.parametrize("size", [(15, 15), (9, 13)])
 @pytest.mark.parametrize(
     "pool,args",
@@ -137,6 +154,9 @@ def test_max_pool2d_rejects_unknown_impl():
         ("avg", (3, 1, 1, False, False)),
         ("avg", (2, 2, 0, True, True)),
         ("avg", (3, 2, 1, True, False)),
+        ("avg", (5, 1, 2, True, False)),
+        ("avg", ((3, 5), 1, (1, 2), False, True)),
+        ("avg_reduce_window", (3, 1, 1, False, False)),
         ("max", (3, 2, 0, True)),
         ("max", (3, 2, 1, False)),
         ("max_reduce_window", (3, 2, 0, True)),
@@ -145,11 +165,12 @@ def test_max_pool2d_rejects_unknown_impl():
 )
 def test_pool_grads(size, pool, args):
     x = _x((2, *size, 3))
-    fn_t, fn_j = (F.avg_pool2d, ops.avg_pool2d) if pool == "avg" else (F.max_pool2d, ops.max_pool2d)
-    if pool == "max_reduce_window":  # the default ('auto') is 'slices' on CPU: the other formulation too
-        fn_j = functools.partial(ops.max_pool2d, impl="reduce_window")
+    avg = pool.startswith("avg")
+    fn_t, fn_j = (F.avg_pool2d, ops.avg_pool2d) if avg else (F.max_pool2d, ops.max_pool2d)
+    if pool.endswith("reduce_window"):  # the default ('auto') is 'slices' on CPU: the other formulation too
+        fn_j = functools.partial(fn_j, impl="reduce_window")
     xt = _nchw(x).requires_grad_(True)
-    ref = fn_t(xt, *args) if pool == "avg" else fn_t(xt, *args[:3], ceil_mode=args[3])
+    ref = fn_t(xt, *args) if avg else fn_t(xt, *args[:3], ceil_mode=args[3])
     g = _x(_nhwc(ref).shape, seed=1)
     (ref * _nchw(g)).sum().backward()
     grad = jax.jit(jax.grad(lambda a: jnp.sum(fn_j(a, *args) * g)))(jnp.asarray(x))  # jit: as in real use
