@@ -299,10 +299,13 @@ def test_depthwise_conv2d_rejects_unknown_impl():
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "VALID"), (1, 1, ((0, 0), (0, 0))), (1, 2, "VALID"),
-                                                   (3, 1, ((1, 1), (1, 1))), (1, 1, ((1, 1), (1, 1)))])
+                                                   (3, 1, ((1, 1), (1, 1))), (1, 1, ((1, 1), (1, 1))),
+                                                   (3, 2, ((1, 0), (2, 1))), (2, 2, "VALID"), (7, 2, ((3, 3), (3, 3))),
+                                                   (3, 1, "SAME")])
 def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
-    """The drop-in gives lax.conv_general_dilated's values and gradients: 1x1/stride 1/unpadded as a matmul, every
-    other case passed through (stride 2, 3x3, padded 1x1)."""
+    """The drop-in gives lax.conv_general_dilated's values and gradients: 1x1/stride 1/unpadded as a matmul; on CPU
+    the other explicitly padded convolutions (stride 2, 3x3, 7x7, padded 1x1, asymmetric pads, patchify) through
+    the tap-matmul kernel gradient (a custom VJP); a 'SAME' string passed through."""
     from jax import lax
 
     x, w = jnp.asarray(_x((2, 9, 7, 5), seed=6)), jnp.asarray(_x((kernel, kernel, 5, 4), seed=7))
@@ -317,7 +320,10 @@ def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
     np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)), **TOL)
     prims = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).jaxpr.eqns}
     matmul = kernel == 1 and stride == 1 and padding != ((1, 1), (1, 1))
-    assert ("dot_general" in prims) == matmul and ("conv_general_dilated" in prims) != matmul, prims
+    taps = not matmul and padding != "SAME"
+    assert ("dot_general" in prims) == matmul, prims
+    assert any(p.startswith("custom_vjp") for p in prims) == taps, prims
+    assert ("conv_general_dilated" in prims) == (not matmul and not taps), prims
     g = jnp.asarray(_x(ref(x, w).shape, seed=8))
     for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)

@@ -124,7 +124,7 @@ class Stem(nnx.Module):
         dd = dict(dtype=dtype, param_dtype=param_dtype)
         # Explicit padding: Flax convs default to SAME, timm's stem pads 2 on each side.
         self.conv = nnx.Conv(in_chans, out_chans, (7, 7), 4, padding=((2, 2), (2, 2)), kernel_init=trunc_normal_02,
-                             **dd, rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, **dd, rngs=rngs)  # CPU: matmul kernel grads
         # timm: LayerNorm2dNoBias (eps 1e-6) for v2, nn.Identity for v1 (downsample_norm=None).
         self.norm = layer_norm_2d(out_chans, use_bias=False, **dd, rngs=rngs) if norm else None
 
@@ -141,7 +141,7 @@ class Downsampling(nnx.Module):
         dd = dict(dtype=dtype, param_dtype=param_dtype)
         self.norm = layer_norm_2d(in_chans, use_bias=False, **dd, rngs=rngs) if norm else None
         self.conv = nnx.Conv(in_chans, out_chans, (3, 3), 2, padding=((1, 1), (1, 1)), kernel_init=trunc_normal_02,
-                             **dd, rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, **dd, rngs=rngs)  # CPU: matmul kernel grads
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.norm is not None:

@@ -37,6 +37,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
+from volo_jax.ops import conv_general_dilated
 from volo_jax.outlook import OutlookAttention
 
 
@@ -194,7 +195,9 @@ class PatchEmbed(nnx.Module):
             raise ValueError(f"VOLO patch_size must be 4, 8 or 16, got {patch_size}")
         dd = dict(dtype=dtype, param_dtype=param_dtype)
         # Explicit padding everywhere: Flax convs default to SAME, torch to 0.
-        conv = dict(use_bias=False, kernel_init=torch_default_kernel_init, **dd, rngs=rngs)
+        # ops.conv_general_dilated: on CPU the kernel gradients as per-tap matmuls (XLA:CPU's are ~10x slower)
+        conv = dict(use_bias=False, kernel_init=torch_default_kernel_init, conv_general_dilated=conv_general_dilated,
+                    **dd, rngs=rngs)
         if stem_conv:
             self.conv = nnx.List([
                 nnx.Conv(in_chans, hidden_dim, (7, 7), stem_stride, padding=((3, 3), (3, 3)), **conv),
@@ -211,7 +214,7 @@ class PatchEmbed(nnx.Module):
             self.conv = None
         k = patch_size // stem_stride
         self.proj = nnx.Conv(hidden_dim, embed_dim, (k, k), k, padding="VALID", kernel_init=torch_default_kernel_init,
-                             **dd, rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, **dd, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.conv is not None:
@@ -226,7 +229,8 @@ class Downsample(nnx.Module):
     def __init__(self, in_embed_dim: int, out_embed_dim: int, patch_size: int = 2, *, dtype: Dtype = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.proj = nnx.Conv(in_embed_dim, out_embed_dim, (patch_size, patch_size), patch_size, padding="VALID",
-                             kernel_init=torch_default_kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                             kernel_init=torch_default_kernel_init, conv_general_dilated=conv_general_dilated,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(x)
