@@ -301,11 +301,14 @@ def test_depthwise_conv2d_rejects_unknown_impl():
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, "VALID"), (1, 1, ((0, 0), (0, 0))), (1, 2, "VALID"),
                                                    (3, 1, ((1, 1), (1, 1))), (1, 1, ((1, 1), (1, 1))),
                                                    (3, 2, ((1, 0), (2, 1))), (2, 2, "VALID"), (7, 2, ((3, 3), (3, 3))),
-                                                   (3, 1, "SAME")])
+                                                   (3, 1, "SAME"), (3, 3, ((0, 0), (0, 0))), (4, 4, "VALID"),
+                                                   (2, 2, ((0, 0), (1, 0))), (3, 2, "VALID")])
 def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
     """The drop-in gives lax.conv_general_dilated's values and gradients: 1x1/stride 1/unpadded as a matmul; on CPU
-    the other explicitly padded convolutions (stride 2, 3x3, 7x7, padded 1x1, asymmetric pads, patchify) through
-    the tap-matmul kernel gradient (a custom VJP); a 'SAME' string passed through."""
+    unpadded stride == kernel convolutions as patches times a matmul (incl. the rows and columns the convolution
+    drops: 9x7 with 2x2, 3x3, 4x4 patches), the other explicitly padded or VALID convolutions (stride 2, 3x3, 7x7,
+    padded 1x1, asymmetric pads, padded patchify, overlapping VALID) through the tap-matmul kernel gradient (a
+    custom VJP); a 'SAME' string passed through."""
     from jax import lax
 
     x, w = jnp.asarray(_x((2, 9, 7, 5), seed=6)), jnp.asarray(_x((kernel, kernel, 5, 4), seed=7))
@@ -319,11 +322,14 @@ def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
 
     np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)), **TOL)
     prims = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).jaxpr.eqns}
-    matmul = kernel == 1 and stride == 1 and padding != ((1, 1), (1, 1))
-    taps = not matmul and padding != "SAME"
-    assert ("dot_general" in prims) == matmul, prims
+    unpadded = padding in ("VALID", ((0, 0), (0, 0)))
+    matmul = kernel == 1 and stride == 1 and unpadded
+    patchify = kernel == stride > 1 and unpadded
+    taps = not matmul and not patchify and padding != "SAME"
+    assert ("dot_general" in prims) == (matmul or patchify), prims
+    assert ("transpose" in prims) == patchify, prims
     assert any(p.startswith("custom_vjp") for p in prims) == taps, prims
-    assert ("conv_general_dilated" in prims) == (not matmul and not taps), prims
+    assert ("conv_general_dilated" in prims) == (not matmul and not patchify and not taps), prims
     g = jnp.asarray(_x(ref(x, w).shape, seed=8))
     for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
@@ -356,10 +362,12 @@ def test_dot_general_dense_layer_path_equals_lax(shape):
                                np.asarray(lax.dot_general(jnp.asarray(_x((2, 3, 6))), batched, bdims)), **TOL)
 
 
-@pytest.mark.parametrize("stride,padding", [(1, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+@pytest.mark.parametrize("stride,padding", [(1, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1))),
+                                            (1, "VALID")])
 def test_conv_general_dilated_depthwise_path_equals_lax(stride, padding):
     """A depthwise convolution through the drop-in (what VoVNet's ``conv_dw`` calls) gives lax's values and
-    gradients; with symmetric padding it runs as shifted multiply-adds on CPU, otherwise as lax's conv."""
+    gradients; with symmetric padding (VALID included) it runs as shifted multiply-adds on CPU, otherwise as lax's
+    conv."""
     from jax import lax
 
     x, w = jnp.asarray(_x((2, 9, 7, 5), seed=13)), jnp.asarray(_x((3, 3, 1, 5), seed=14))
@@ -377,7 +385,7 @@ def test_conv_general_dilated_depthwise_path_equals_lax(stride, padding):
     for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     prims = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).jaxpr.eqns}
-    sliced = padding[0] == (1, 1) and jax.default_backend() == "cpu"
+    sliced = padding in ("VALID", ((1, 1), (1, 1))) and jax.default_backend() == "cpu"
     assert ("conv_general_dilated" in prims) != sliced, prims
 
 

@@ -38,6 +38,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
+from volo_jax.ops import conv_general_dilated
 
 _LN_EPS = 1e-6  # timm.layers.LayerNorm, ConViT's norm_layer
 
@@ -207,9 +208,11 @@ class PatchEmbed(nnx.Module):
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, *, dtype: Dtype = None,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.patch_size = patch_size
-        # padding="VALID" is torch's padding=0 (Flax defaults to SAME).
+        # padding="VALID" is torch's padding=0 (Flax defaults to SAME). ops.conv_general_dilated: on CPU the
+        # patches times one matmul (XLA:CPU's convolution and its kernel gradient are slower at this shape).
         self.proj = nnx.Conv(in_chans, embed_dim, (patch_size, patch_size), patch_size, padding="VALID",
-                             kernel_init=torch_default_kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                             kernel_init=torch_default_kernel_init, conv_general_dilated=conv_general_dilated,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.proj(x)  # (B, H/p, W/p, C)

@@ -195,7 +195,8 @@ class PatchEmbed(nnx.Module):
             raise ValueError(f"VOLO patch_size must be 4, 8 or 16, got {patch_size}")
         dd = dict(dtype=dtype, param_dtype=param_dtype)
         # Explicit padding everywhere: Flax convs default to SAME, torch to 0.
-        # ops.conv_general_dilated: on CPU the kernel gradients as per-tap matmuls (XLA:CPU's are ~10x slower)
+        # ops.conv_general_dilated: on CPU the kernel gradients as per-tap matmuls (XLA:CPU's are ~10x slower),
+        # the stride == kernel proj as patches times one matmul
         conv = dict(use_bias=False, kernel_init=torch_default_kernel_init, conv_general_dilated=conv_general_dilated,
                     **dd, rngs=rngs)
         if stem_conv:
