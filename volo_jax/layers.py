@@ -194,9 +194,44 @@ class Identity(nnx.Module):
         return x
 
 
-def run_block(block: Callable[[jax.Array], jax.Array], x: jax.Array, checkpoint: bool = False) -> jax.Array:
+@jax.custom_vjp
+def materialize_grad(x: jax.Array) -> jax.Array:
+    """The identity, whose backward makes XLA write the incoming gradient to memory before using it.
+
+    Why: in a residual network the gradient of the residual stream is a running elementwise sum over the blocks
+    (``g_{l-1} = g_l + (block l's contribution)``), and each ``g_l`` also feeds block ``l``'s matmul gradients.
+    XLA:CPU's fusion duplicates cheap elementwise producers into every consumer, so the fusion that computes
+    ``g_{l-1}`` recomputes ``g_l`` and everything above it instead of reading it: quadratic work in the depth.
+    In volo_d1_224's training step that was one fusion per LayerNorm with up to 194 operands, 240 ms of add_any
+    (8, 14, 14, 384) fusions, and in convit_base's up to 180 operands (``jax.profiler`` trace, batch 8, 2 cores).
+    ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion). A dynamic-update-slice
+    updates its operand in place, so that operand must exist in memory: the backward rewrites the gradient's first
+    channel with itself (no change to any value) along the last axis, which data parallelism never shards.
+    """
+    return x
+
+
+def _materialize_grad_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _materialize_grad_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    first = lax.slice_in_dim(g, 0, 1, axis=g.ndim - 1)  # (..., 1)
+    return (lax.dynamic_update_slice_in_dim(g, first, 0, axis=g.ndim - 1),)
+
+
+materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
+
+
+def run_block(block: Callable[[jax.Array], jax.Array], x: jax.Array, checkpoint: bool = False, *,
+              grad_barrier: bool = False) -> jax.Array:
     """``block(x)``, or with ``checkpoint`` the same call under ``nnx.remat`` (activation checkpointing, timm's
     ``checkpoint_seq`` one block at a time).
+
+    With ``grad_barrier``, on CPU the block's input goes through :func:`materialize_grad`, which breaks XLA:CPU's
+    quadratic recomputation of the residual gradient (values and gradients unchanged). The LayerNorm transformers
+    (VOLO, ConViT) need it; PoolFormer's GroupNorm residual stream does not show the trap, and there the barrier
+    only added 3 % to the step's temp buffers, so the models choose.
 
     Under remat the backward pass keeps only each block's input and recomputes the block's forward when its gradient
     is needed: activation memory drops from every intermediate of every block to the block inputs plus one block's
@@ -208,6 +243,8 @@ def run_block(block: Callable[[jax.Array], jax.Array], x: jax.Array, checkpoint:
     volo_d1_224 1610 -> 1724 MiB, ese_vovnet19b_dw 745 -> 745 MiB (memory-optimized scheduler; 2189 -> 2341 and
     1392 -> 1392 with XLA's default one), so on CPU leave it off.
     """
+    if grad_barrier and jax.default_backend() == "cpu":
+        x = materialize_grad(x)
     if not checkpoint:
         return block(x)
     return nnx.remat(_call_block)(block, x)
