@@ -402,3 +402,21 @@ def test_gelu_equals_torch_exact_gelu_values_and_grads():
     np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(out))[0]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(out) - np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True))).max() > 1e-4
     assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_broadcast_batch_values_grads_and_path(batch):
+    """ops.broadcast_batch is jnp.broadcast_to over a leading axis of 1; its gradient (the batch-sum) equals the
+    reduce's, done with slice adds (no reduce_sum) on CPU; a leading axis other than 1 is an error."""
+    x = jnp.asarray(_x((1, 3, 5, 4), seed=21))
+    g = jnp.asarray(_x((batch, 3, 5, 4), seed=22))
+    out, vjp = jax.vjp(lambda x: ops.broadcast_batch(x, batch), x)
+    ref, ref_vjp = jax.vjp(lambda x: jnp.broadcast_to(x, (batch, 3, 5, 4)), x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), _x((batch, 3, 5, 4), seed=22).sum(0, keepdims=True),
+                               rtol=1e-6, atol=1e-6)
+    grad_prims = str(jax.make_jaxpr(lambda x, g: jax.vjp(lambda x: ops.broadcast_batch(x, batch), x)[1](g))(x, g))
+    assert ("reduce_sum" in grad_prims) == (batch > 1 and jax.default_backend() != "cpu"), grad_prims
+    with pytest.raises(ValueError, match="leading axis"):
+        ops.broadcast_batch(g if batch > 1 else jnp.zeros((2, 3)), 4)

@@ -38,7 +38,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
-from volo_jax.ops import conv_general_dilated
+from volo_jax.ops import broadcast_batch, conv_general_dilated
 
 _LN_EPS = 1e-6  # timm.layers.LayerNorm, ConViT's norm_layer
 
@@ -139,7 +139,8 @@ class GPSA(nnx.Module):
         pos_score = self.pos_proj(rel).transpose(0, 3, 1, 2)  # (1, heads, N, N)
         patch_score = jnp.einsum("bhqd,bhkd->bhqk", q, k) * self.scale  # timm scales after the matmul
         patch_score = jax.nn.softmax(patch_score, axis=-1)
-        pos_score = jax.nn.softmax(pos_score, axis=-1)
+        # shared by the batch: broadcast explicitly so that its gradient's batch-sum is fast on XLA:CPU (see there)
+        pos_score = broadcast_batch(jax.nn.softmax(pos_score, axis=-1), B)  # (B, heads, N, N)
         gate = jax.nn.sigmoid(self.gating_param[...].astype(patch_score.dtype)).reshape(1, -1, 1, 1)
         attn = (1.0 - gate) * patch_score + gate * pos_score
         attn = attn / attn.sum(axis=-1, keepdims=True)
