@@ -514,9 +514,10 @@ def _patchify_conv(x: jax.Array, kernel: jax.Array, precision: lax.PrecisionLike
 
     Why: every output sees its own patch, so this is exactly a matmul, and its gradients are a matmul and a
     transpose. XLA:CPU's convolution and its gradients run these shapes 1.3-1.5x (forward) and 1.5-1.8x
-    (forward+backward) slower: VOLO-D1's 4x4/4 patch projection (8, 112, 112, 64) -> 384 took 44 ms forward and
+    (forward+backward) slower: VOLO-D4's 4x4/4 patch projection (8, 112, 112, 64) -> 384 took 44 ms forward and
     133 ms forward+backward, 34 and 91 ms as a matmul; ConViT's 16x16/16 patch embedding's kernel gradient 20 ms ->
-    13 ms (2 cores, batch 8). The patch order (kh, kw, in) is the HWIO kernel's own row-major order.
+    13 ms (2 cores, batch 8). In whole models the gain is below the machine's noise (volo_d1_224 and convit_base
+    forward 1.01x, 0.99x). The patch order (kh, kw, in) is the HWIO kernel's own row-major order.
     """
     kh, kw, cin, cout = kernel.shape
     B, H, W, _ = x.shape
@@ -570,7 +571,7 @@ def broadcast_batch(x: jax.Array, batch: int) -> jax.Array:
     whole batch, e.g. ConViT's positional attention), whose gradient, the sum over the batch, is a chain of
     ``batch - 1`` adds of the gradient's slices on CPU.
 
-    Why: XLA:CPU runs a reduction over the outermost axis at ~9 ns per element: the batch-sum of ConViT-base's
+    Why: XLA:CPU ran this reduction over the outermost axis at ~8 ns per element: the batch-sum of ConViT-base's
     ``(8, 16, 196, 196)`` positional-attention gradient took 38 ms as a ``reduce_sum`` and 0.7 ms as slice adds
     (one fused loop; the same values), 450 ms of convit_base's training step over its ten GPSA blocks (2 cores).
     Other backends get the plain broadcast.
