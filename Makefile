@@ -8,6 +8,9 @@ DEMO   := demo_out
 # The slow part (large variants: timm + our model + converted copies, up to ~12 GB per process) runs in one
 # process afterwards, so two of them never meet in the 24 GB of the development/CI machine.
 WORKERS ?= 2
+# glibc's huge-page malloc for XLA:CPU's per-step temp buffers (see volo_jax.xla.reexec_with_hugepage_malloc), set
+# for every command here so that the CLIs need not re-execute themselves; glibc < 2.35 and other libcs ignore it.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test lint bench clean
 

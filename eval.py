@@ -31,7 +31,7 @@ import volo_jax
 from volo_jax import data, train_lib
 from volo_jax.checkpoint import write_atomic
 from volo_jax.hub import load_model
-from volo_jax.xla import compiler_options
+from volo_jax.xla import compiler_options, reexec_with_hugepage_malloc
 
 _logger = logging.getLogger("eval")
 
@@ -281,4 +281,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # glibc tunable for XLA:CPU's temp buffers (see volo_jax.xla)
     sys.exit(main())

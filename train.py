@@ -47,7 +47,7 @@ from flax import nnx
 import volo_jax
 from volo_jax import data, train_lib
 from volo_jax.checkpoint import TrainCheckpoints, load_flat_tensors, write_atomic
-from volo_jax.xla import compiler_options
+from volo_jax.xla import compiler_options, reexec_with_hugepage_malloc
 
 _logger = logging.getLogger("train")
 
@@ -553,4 +553,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # glibc tunable for XLA:CPU's temp buffers (see volo_jax.xla)
     sys.exit(main())

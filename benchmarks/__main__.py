@@ -38,4 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from volo_jax.xla import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # the same process setting for JAX and torch (see volo_jax.xla)
     main(sys.argv[1:])

@@ -348,9 +348,10 @@ def run(args: argparse.Namespace) -> None:
         return
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} on "
-          f"{_torch_device(args)} with {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats}",
-          flush=True)
-    results: dict[str, Any] = {"device": f"{dev.platform} ({dev.device_kind})", "dtype": args.dtype, "models": {}}
+          f"{_torch_device(args)} with {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
+    results: dict[str, Any] = {"device": f"{dev.platform} ({dev.device_kind})", "dtype": args.dtype, "models": {},
+                               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     if args.matmul:
         results["matmul_gflops"] = matmul_gflops(args.matmul)
         print(f"{args.matmul}x{args.matmul} fp32 matmul: {results['matmul_gflops']:.1f} GFLOP/s", flush=True)

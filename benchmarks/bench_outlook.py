@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> None:
     dev = jax.devices()[0]
     print(
         f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} on "
-        f"{_torch_device(args)} with {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats}"
+        f"{_torch_device(args)} with {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
     cols = ["shape", "B", "pass", "timm ms", "ours ms", "ratio", "compile s"]
     if not args.no_reference:

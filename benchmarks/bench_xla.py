@@ -13,6 +13,7 @@ and the training loss of each, which must be identical (a scheduler only reorder
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> None:
     jax.config.update("jax_platforms", args.device)
     options = {"xla defaults": {}, "ours": compiler_options()}
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, median of {args.repeats}; "
-          f"ours = {options['ours'] or 'no options on this backend'}", flush=True)
+          f"ours = {options['ours'] or 'no options on this backend'}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
     rows = []
     for name in args.models:
         rows.append(_bench_model(name, options, args))

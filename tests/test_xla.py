@@ -94,3 +94,102 @@ def test_materialize_grad_breaks_the_quadratic_residual_gradient_fusion():
         prims = {e.primitive.name for e in jax.make_jaxpr(lambda x, b=barrier: run_block(jnp.tanh, x, grad_barrier=b))(
             x).jaxpr.eqns}
         assert any(p.startswith("custom_vjp") for p in prims) == barrier, prims
+
+
+_GLIBC, _THP = ("glibc", "2.36"), "madvise"
+
+
+@pytest.mark.parametrize("environ, kw, expected", [
+    ({}, {}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {}, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({}, {"thp_mode": "always"}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}, None),  # the user's own value wins
+    ({"VOLO_JAX_HUGEPAGE_MALLOC": "0"}, {}, None),  # opt-out
+    ({}, {"thp_mode": "never"}, None),  # the kernel has transparent huge pages off
+    ({}, {"thp_mode": ""}, None),  # no /sys/kernel/mm/transparent_hugepage to read: leave it
+    ({}, {"libc": ("glibc", "2.31")}, None),  # before glibc.malloc.hugetlb existed
+    ({}, {"libc": ("", "")}, None),  # musl or unknown
+    ({}, {"system": "Darwin"}, None),
+])
+def test_hugepage_malloc_environ(environ, kw, expected):
+    kw = {"libc": _GLIBC, "thp_mode": _THP, "system": "Linux", **kw}
+    env = xla.hugepage_malloc_environ({"PATH": "/bin", **environ}, **kw)
+    if expected is None:
+        assert env is None
+    else:
+        assert env["GLIBC_TUNABLES"] == expected and env["PATH"] == "/bin"  # the rest of the environment kept
+
+
+_REEXEC_SCRIPT = """
+import os, sys
+print("before", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+from volo_jax.xla import reexec_with_hugepage_malloc
+reexec_with_hugepage_malloc()
+print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
+"""
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", xla.HUGEPAGE_OPT_OUT)}
+    return {**env, **extra}
+
+
+def test_reexec_keeps_pid_arguments_and_flags(tmp_path):
+    """The CLIs' re-exec: same process (PID), same interpreter flags and arguments, the tunable set once (no loop);
+    a no-op where it does not apply."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "reexec.py"
+    script.write_text(_REEXEC_SCRIPT)
+    env = _child_env()
+    out = subprocess.run([sys.executable, "-X", "utf8", str(script), "a", "b c"], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    child = xla.hugepage_malloc_environ(env)
+    if child is None:  # this machine does not qualify: nothing happens
+        assert [line.split()[0] for line in out] == ["before", "after"]
+        return
+    pid = out[0].split()[1]
+    assert out == [f"before {pid} None ['a', 'b c']",
+                   f"before {pid} glibc.malloc.hugetlb=1 ['a', 'b c']",  # the re-executed process, same PID
+                   f"after {pid} glibc.malloc.hugetlb=1 ['a', 'b c']"]
+    opted_out = subprocess.run([sys.executable, str(script)], env=_child_env(VOLO_JAX_HUGEPAGE_MALLOC="0"),
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split()[0] for line in opted_out] == ["before", "after"]
+
+
+_FAULTS_SCRIPT = """
+import resource, jax, jax.numpy as jnp
+f = jax.jit(lambda x: x * 2.0 + 1.0)
+x = jnp.ones((4096, 4096), jnp.float32)  # a 64 MiB result: above glibc's mmap threshold, as XLA's temp buffers are
+jax.block_until_ready(f(x))
+faults = []
+for _ in range(3):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(f(x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(min(faults))
+"""
+
+
+@pytest.mark.skipif(xla.hugepage_malloc_environ(_child_env()) is None,
+                    reason="no glibc >= 2.35 with transparent huge pages here")
+def test_hugepage_tunable_cuts_page_faults(tmp_path):
+    """What the re-exec is for: a large XLA:CPU buffer is a fresh mmap on every call, faulted in 4 KiB at a time
+    (16384 faults for 64 MiB); with the tunable the kernel maps 2 MiB pages (32 of them)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS_SCRIPT)
+
+    def faults(env: dict[str, str]) -> int:
+        return int(subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()[-1])
+
+    without = faults(_child_env(VOLO_JAX_HUGEPAGE_MALLOC="0"))
+    with_tunable = faults(_child_env(GLIBC_TUNABLES=xla.HUGEPAGE_TUNABLE))
+    assert without > 16000  # the premise: every call faults its 64 MiB result in page by page
+    assert with_tunable < without / 8, (without, with_tunable)

@@ -49,7 +49,7 @@ from volo_jax.models.poolformer import MetaFormer
 from volo_jax.models.volo import VOLO
 from volo_jax.models.vovnet import VovNet
 from volo_jax.token_label_store import TokenLabelError, TokenLabelWriter
-from volo_jax.xla import compiler_options
+from volo_jax.xla import compiler_options, reexec_with_hugepage_malloc
 
 _logger = logging.getLogger("label_tokens")
 
@@ -298,4 +298,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # glibc tunable for XLA:CPU's temp buffers (see volo_jax.xla)
     sys.exit(main())
