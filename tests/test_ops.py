@@ -420,3 +420,26 @@ def test_broadcast_batch_values_grads_and_path(batch):
     assert ("reduce_sum" in grad_prims) == (batch > 1 and jax.default_backend() != "cpu"), grad_prims
     with pytest.raises(ValueError, match="leading axis"):
         ops.broadcast_batch(jnp.zeros((2, 3)), 4)
+
+
+@pytest.mark.parametrize("v_heads_last", [False, True])
+def test_attend_matches_einsum(v_heads_last):
+    """attend's matmul + transpose gives einsum's bqhd result and gradients, for both layouts of v."""
+    rng = np.random.default_rng(0)
+    B, H, Nq, Nk, d = 2, 3, 5, 7, 4
+    attn = jnp.asarray(rng.standard_normal((B, H, Nq, Nk)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, Nk, H, d) if v_heads_last else (B, H, Nk, d)), jnp.float32)
+    spec = "bhqk,bkhd->bqhd" if v_heads_last else "bhqk,bhkd->bqhd"
+
+    def ref(a, v):
+        return jnp.einsum(spec, a, v, precision="highest")
+
+    def ours(a, v):
+        return ops.attend(a, v, v_heads_last=v_heads_last)
+
+    out = ours(attn, v)
+    assert out.shape == (B, Nq, H, d)
+    np.testing.assert_allclose(out, ref(attn, v), rtol=1e-6, atol=1e-6)
+    g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    for got, want in zip(jax.vjp(ours, attn, v)[1](g), jax.vjp(ref, attn, v)[1](g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -38,7 +38,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
-from volo_jax.ops import broadcast_batch, conv_general_dilated
+from volo_jax.ops import attend, broadcast_batch, conv_general_dilated
 
 _LN_EPS = 1e-6  # timm.layers.LayerNorm, ConViT's norm_layer
 
@@ -150,7 +150,7 @@ class GPSA(nnx.Module):
         B, N, C = x.shape
         attn = self.get_attention(x)
         v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads)  # (B, N, heads, d)
-        x = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(B, N, C)
+        x = attend(attn, v, v_heads_last=True).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -174,7 +174,7 @@ class MHSA(nnx.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = jnp.einsum("bhqd,bhkd->bhqk", q, k) * self.scale  # (B, heads, N, N)
         attn = self.attn_drop(jax.nn.softmax(attn, axis=-1))
-        x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(B, N, C)
+        x = attend(attn, v).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 

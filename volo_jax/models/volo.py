@@ -37,7 +37,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
-from volo_jax.ops import conv_general_dilated
+from volo_jax.ops import attend, conv_general_dilated
 from volo_jax.outlook import OutlookAttention
 
 
@@ -112,7 +112,7 @@ class Attention(nnx.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = jnp.einsum("bhqd,bhkd->bhqk", q * self.scale, k)  # (B, heads, N, N)
         attn = self.attn_drop(jax.nn.softmax(attn, axis=-1))
-        x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(B, H, W, C)
+        x = attend(attn, v).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
 
