@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +133,6 @@ print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flus
 
 
 def _child_env(**extra: str) -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", xla.HUGEPAGE_OPT_OUT)}
     return {**env, **extra}
 
@@ -139,9 +140,6 @@ def _child_env(**extra: str) -> dict[str, str]:
 def test_reexec_keeps_pid_arguments_and_flags(tmp_path):
     """The CLIs' re-exec: same process (PID), same interpreter flags and arguments, the tunable set once (no loop);
     a no-op where it does not apply."""
-    import subprocess
-    import sys
-
     script = tmp_path / "reexec.py"
     script.write_text(_REEXEC_SCRIPT)
     env = _child_env()
@@ -179,9 +177,6 @@ print(min(faults))
 def test_hugepage_tunable_cuts_page_faults(tmp_path):
     """What the re-exec is for: a large XLA:CPU buffer is a fresh mmap on every call, faulted in 4 KiB at a time
     (16384 faults for 64 MiB); with the tunable the kernel maps 2 MiB pages (32 of them)."""
-    import subprocess
-    import sys
-
     script = tmp_path / "faults.py"
     script.write_text(_FAULTS_SCRIPT)
 
