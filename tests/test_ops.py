@@ -335,6 +335,31 @@ def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
 
 
+@pytest.mark.parametrize("cin,kernel,stride", [(16, 3, 1), (3, 7, 2), (16, 3, 2)])
+def test_conv_tap_kernel_gradient_in_row_chunks(cin, kernel, stride):
+    """The tap-matmul kernel gradient with its rows split into chunks (4480 rows -> 2 chunks of 2240 at stride 1),
+    per tap (16 input channels) and as one im2col matmul (3 channels, a 7x7/2 stem), equals lax's."""
+    from jax import lax
+
+    assert ops._row_chunks(2 * 40 * 56) == 2 and ops._row_chunks(100352) == 49 and ops._row_chunks(97) == 1
+    x = jnp.asarray(_x((2, 40, 56, cin), seed=11))
+    w = jnp.asarray(_x((kernel, kernel, cin, 8), seed=12))
+    pad = [(kernel // 2, kernel // 2)] * 2
+
+    def ours(x, w):
+        return ops.conv_general_dilated(x, w, (stride, stride), pad, precision="highest")
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision="highest")
+
+    g = jnp.asarray(_x(ref(x, w).shape, seed=13))
+    (dx, dw), (rx, rw) = jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(rx), **TOL)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(rw), rtol=1e-4, atol=1e-4 * float(jnp.abs(rw).max()))
+    assert float(jnp.abs(rw).std()) > 0.1  # a real gradient, not zeros
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 7, 6), (4, 6), (2, 9, 6)])
 def test_dot_general_dense_layer_path_equals_lax(shape):
     """The drop-in gives lax.dot_general's values and gradients for a dense layer on an N-D input (flattened to one

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from volo_jax.ops import dot_general
+from volo_jax.ops import dot_general, in_memory
 
 Dtype = jnp.dtype | type | None
 
@@ -206,7 +206,8 @@ def materialize_grad(x: jax.Array) -> jax.Array:
     (8, 14, 14, 384) fusions, and in convit_base's up to 180 operands (``jax.profiler`` trace, batch 8, 2 cores).
     ``lax.optimization_barrier`` does not stop it (XLA:CPU removes barriers before fusion). A dynamic-update-slice
     updates its operand in place, so that operand must exist in memory: the backward rewrites the gradient's first
-    channel with itself (no change to any value) along the last axis, which data parallelism never shards.
+    channel with itself (no change to any value) along the last axis, which data parallelism never shards
+    (:func:`volo_jax.ops.in_memory`).
     """
     return x
 
@@ -216,8 +217,7 @@ def _materialize_grad_fwd(x: jax.Array) -> tuple[jax.Array, None]:
 
 
 def _materialize_grad_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-    first = lax.slice_in_dim(g, 0, 1, axis=g.ndim - 1)  # (..., 1)
-    return (lax.dynamic_update_slice_in_dim(g, first, 0, axis=g.ndim - 1),)
+    return (in_memory(g),)
 
 
 materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
