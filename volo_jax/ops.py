@@ -550,13 +550,15 @@ def _conv_tap_wgrad_fwd(x: jax.Array, kernel: jax.Array, strides: tuple[int, int
     return _conv_tap_wgrad(x, kernel, strides, pads, precision), (x, kernel)
 
 
-def in_memory(x: jax.Array) -> jax.Array:
-    """``x`` unchanged, as a buffer XLA must write: its first entry along the last axis is rewritten with itself by a
+def in_memory(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``x`` unchanged, as a buffer XLA must write: its first entry along ``axis`` is rewritten with itself by a
     dynamic-update-slice, which updates its operand in place, so that operand must exist in memory. XLA cannot then
     fuse ``x``'s producer into its consumers or fold a transpose that made ``x`` into a consumer's dimension numbers
-    (``lax.optimization_barrier`` does neither on XLA:CPU, which removes barriers before fusion)."""
-    first = lax.slice_in_dim(x, 0, 1, axis=x.ndim - 1)
-    return lax.dynamic_update_slice_in_dim(x, first, 0, axis=x.ndim - 1)
+    (``lax.optimization_barrier`` does neither on XLA:CPU, which removes barriers before fusion). ``axis`` should be
+    one that data parallelism does not shard (a feature axis), so the update needs no communication."""
+    axis = axis % x.ndim
+    first = lax.slice_in_dim(x, 0, 1, axis=axis)
+    return lax.dynamic_update_slice_in_dim(x, first, 0, axis=axis)
 
 
 def _row_chunks(rows: int, target: int = 2048) -> int:
@@ -573,10 +575,11 @@ def _conv_tap_wgrad_bwd(strides: tuple[int, int], pads: Pads2, precision: lax.Pr
     Why this form: with ``(B*oh*ow, in)`` and ``(B*oh*ow, out)`` operands the kernel gradient contracts over a
     leading axis of ~10^5 rows into a tiny ``(in, out)``, which XLA:CPU runs as a transposed-operand ``dot`` at
     ~60 GFLOP/s. ``g`` written transposed once (:func:`in_memory`, or XLA folds the transpose back into the dot)
-    and shared by every tap, then ``(out, n, rows/n) x (n, rows/n, in)`` batched over ``n`` chunks of ~2048 rows and
-    summed, runs in XLA's fast matmul path: VOLO-D1's 3x3 64->64 stem conv (8, 112, 112, 64) forward+backward
-    260 -> 223 ms (2 cores). With few input channels (a 3-channel stem) each tap's matmul is too thin, so the taps
-    are concatenated first (im2col, ``kh*kw*in`` columns) for one matmul: the 7x7/2 3->64 stem 177 -> 149 ms.
+    and shared by every tap, then ``(out, n, rows/n) x (n, rows/n, in)`` batched over ``n`` chunks of ~2048 rows
+    (within an image) and summed, runs in XLA's fast matmul path: VOLO-D1's 3x3 64->64 stem conv (8, 112, 112, 64)
+    forward+backward 260 -> 223 ms (2 cores). With few input channels (a 3-channel stem) each tap's matmul is too
+    thin, so the taps are concatenated first (im2col, ``kh*kw*in`` columns) for one matmul: the 7x7/2 3->64 stem
+    177 -> 149 ms.
     """
     x, kernel = res
     kh, kw, cin, cout = kernel.shape
@@ -584,8 +587,9 @@ def _conv_tap_wgrad_bwd(strides: tuple[int, int], pads: Pads2, precision: lax.Pr
         "NHWC", "HWIO", "NHWC"), precision=precision), x)
     (dx,) = conv_vjp(g)  # XLA:CPU's input gradient (a transposed convolution) runs at matmul speed: kept
     rows = g.size // cout
-    n = _row_chunks(rows)
-    gt = in_memory(g.reshape(rows, cout).T).reshape(cout, n, rows // n)  # (out, n, rows/n)
+    # chunks never span two images (n = B * per-image chunks), so a batch-sharded g splits along whole chunks
+    n = g.shape[0] * _row_chunks(rows // g.shape[0])
+    gt = in_memory(g.reshape(rows, cout).T, axis=0).reshape(cout, n, rows // n)  # (out, n, rows/n)
     taps = [t.reshape(n, rows // n, cin) for t in _window_taps(x, (kh, kw), strides, pads, 0.0)]  # (n, rows/n, in)
     dims = (((2,), (1,)), ((1,), (0,)))  # contract the rows of a chunk, batch over chunks -> (n, out, cols)
     if cin < 16:  # im2col: (n, rows/n, kh*kw*in), taps row-major = HWIO
