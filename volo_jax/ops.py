@@ -586,9 +586,9 @@ def _conv_tap_wgrad_bwd(strides: tuple[int, int], pads: Pads2, precision: lax.Pr
     _, conv_vjp = jax.vjp(lambda a: lax.conv_general_dilated(a, kernel, strides, pads, dimension_numbers=(
         "NHWC", "HWIO", "NHWC"), precision=precision), x)
     (dx,) = conv_vjp(g)  # XLA:CPU's input gradient (a transposed convolution) runs at matmul speed: kept
-    rows = g.size // cout
-    # chunks never span two images (n = B * per-image chunks), so a batch-sharded g splits along whole chunks
-    n = g.shape[0] * _row_chunks(rows // g.shape[0])
+    B, oh, ow, _ = g.shape
+    rows = B * oh * ow
+    n = B * _row_chunks(oh * ow)  # chunks never span two images, so a batch-sharded g splits along whole chunks
     gt = in_memory(g.reshape(rows, cout).T, axis=0).reshape(cout, n, rows // n)  # (out, n, rows/n)
     taps = [t.reshape(n, rows // n, cin) for t in _window_taps(x, (kh, kw), strides, pads, 0.0)]  # (n, rows/n, in)
     dims = (((2,), (1,)), ((1,), (0,)))  # contract the rows of a chunk, batch over chunks -> (n, out, cols)
