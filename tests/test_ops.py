@@ -468,3 +468,24 @@ def test_attend_matches_einsum(v_heads_last):
     g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     for got, want in zip(jax.vjp(ours, attn, v)[1](g), jax.vjp(ref, attn, v)[1](g), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_softmax_values_grads_and_single_residual(axis):
+    """ops.softmax gives jax.nn.softmax's values bit for bit and torch's softmax gradient, and its VJP keeps one
+    residual (the output) where jax.nn.softmax's default rule keeps the exponentials and the row sums."""
+    x = _x((2, 3, 5, 7), seed=31) * 4
+    g = _x((2, 3, 5, 7), seed=32)
+    out, vjp = jax.vjp(lambda x: ops.softmax(x, axis=axis), jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.nn.softmax(jnp.asarray(x), axis=axis)))
+    xt = torch.from_numpy(x).requires_grad_()
+    ref = torch.softmax(xt, dim=axis)
+    ref.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert [leaf.shape for leaf in jax.tree_util.tree_leaves(vjp)] == [x.shape]
+    # second order through the custom JVP (e.g. a Hessian-vector product) still agrees with jax.nn.softmax's
+    hvp = jax.jvp(jax.grad(lambda x: jnp.sum(ops.softmax(x, axis) ** 3)), (jnp.asarray(x),), (jnp.asarray(g),))[1]
+    hvp_ref = jax.jvp(jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=axis) ** 3)), (jnp.asarray(x),),
+                      (jnp.asarray(g),))[1]
+    np.testing.assert_allclose(np.asarray(hvp), np.asarray(hvp_ref), rtol=1e-4, atol=1e-6)

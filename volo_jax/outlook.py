@@ -39,7 +39,7 @@ from flax import nnx
 from jax import lax
 
 from volo_jax.layers import Linear, dropout, timm_trunc_normal
-from volo_jax.ops import avg_pool2d, ceil_div, fold, unfold, unfold_out_size
+from volo_jax.ops import avg_pool2d, ceil_div, fold, softmax, unfold, unfold_out_size
 
 __all__ = ["outlook_attention", "outlook_attention_reference", "OutlookAttention"]
 
@@ -221,7 +221,7 @@ def _outlook_attention_cm(
     _, B, h, w = logits_cm.shape
     # Softmax over j in the channel-major layout: a reduction over a major axis, vectorized over positions. (On the
     # (B, h, w, heads, i, j) layout XLA:CPU fuses the 9-wide minor-axis reductions into the attn matmul, slowly.)
-    attn = jax.nn.softmax(logits_cm.reshape(num_heads, k * k, k * k, B, h, w) * scale, axis=2)  # (heads, i, j, ...)
+    attn = softmax(logits_cm.reshape(num_heads, k * k, k * k, B, h, w) * scale, axis=2)  # (heads, i, j, ...)
     if attn_dropout is not None:
         attn = attn_dropout(attn)
     a = attn.transpose(1, 2, 3, 4, 5, 0)  # (i, j, B, h, w, heads): a[i, j] broadcasts over d

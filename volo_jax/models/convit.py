@@ -38,7 +38,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
-from volo_jax.ops import attend, broadcast_batch, conv_general_dilated
+from volo_jax.ops import attend, broadcast_batch, conv_general_dilated, softmax
 
 _LN_EPS = 1e-6  # timm.layers.LayerNorm, ConViT's norm_layer
 
@@ -138,9 +138,9 @@ class GPSA(nnx.Module):
         rel = jnp.asarray(get_rel_indices(N))  # (1, N, N, 3), from the static shape like timm's lazy buffer
         pos_score = self.pos_proj(rel).transpose(0, 3, 1, 2)  # (1, heads, N, N)
         patch_score = jnp.einsum("bhqd,bhkd->bhqk", q, k) * self.scale  # timm scales after the matmul
-        patch_score = jax.nn.softmax(patch_score, axis=-1)
+        patch_score = softmax(patch_score, axis=-1)
         # shared by the batch: broadcast explicitly so that its gradient's batch-sum is fast on XLA:CPU (see there)
-        pos_score = broadcast_batch(jax.nn.softmax(pos_score, axis=-1), B)  # (B, heads, N, N)
+        pos_score = broadcast_batch(softmax(pos_score, axis=-1), B)  # (B, heads, N, N)
         gate = jax.nn.sigmoid(self.gating_param[...].astype(patch_score.dtype)).reshape(1, -1, 1, 1)
         attn = (1.0 - gate) * patch_score + gate * pos_score
         attn = attn / attn.sum(axis=-1, keepdims=True)
@@ -173,7 +173,7 @@ class MHSA(nnx.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = jnp.einsum("bhqd,bhkd->bhqk", q, k) * self.scale  # (B, heads, N, N)
-        attn = self.attn_drop(jax.nn.softmax(attn, axis=-1))
+        attn = self.attn_drop(softmax(attn, axis=-1))
         x = attend(attn, v).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 

@@ -37,7 +37,7 @@ from volo_jax.layers import (
     torch_default_kernel_init,
     trunc_normal_02,
 )
-from volo_jax.ops import attend, conv_general_dilated
+from volo_jax.ops import attend, conv_general_dilated, softmax
 from volo_jax.outlook import OutlookAttention
 
 
@@ -111,7 +111,7 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = jnp.einsum("bhqd,bhkd->bhqk", q * self.scale, k)  # (B, heads, N, N)
-        attn = self.attn_drop(jax.nn.softmax(attn, axis=-1))
+        attn = self.attn_drop(softmax(attn, axis=-1))
         x = attend(attn, v).reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
@@ -157,7 +157,7 @@ class ClassAttention(nnx.Module):
         kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim)  # (B, N, 2, heads, d)
         k, v = kv[:, :, 0], kv[:, :, 1]  # (B, N, heads, d)
         q = self.q(x[:, :1]).reshape(B, self.num_heads, self.head_dim) * self.scale  # (B, heads, d)
-        attn = jax.nn.softmax(jnp.einsum("bhd,bnhd->bhn", q, k), axis=-1)  # (B, heads, N)
+        attn = softmax(jnp.einsum("bhd,bnhd->bhn", q, k), axis=-1)  # (B, heads, N)
         attn = self.attn_drop(attn)
         cls_embed = jnp.einsum("bhn,bnhd->bhd", attn, v).reshape(B, 1, self.head_dim * self.num_heads)
         return self.proj_drop(self.proj(cls_embed))
