@@ -588,6 +588,9 @@ def _conv_tap_wgrad_bwd(strides: tuple[int, int], pads: Pads2, precision: lax.Pr
         "NHWC", "HWIO", "NHWC"), precision=precision), x)
     (dx,) = conv_vjp(g)  # XLA:CPU's input gradient (a transposed convolution) runs at matmul speed: kept
     B, oh, ow, _ = g.shape
+    # g written once as it comes (in a model, the fused BatchNorm/activation backward): left fused, XLA computes it
+    # inside the transposing loop in transposed order, slowly (VOLO-D1's two 3x3 stem convs: 48 -> 29 ms each)
+    g = in_memory(g)
     rows = B * oh * ow
     n = B * _row_chunks(oh * ow)  # chunks never span two images, so a batch-sharded g splits along whole chunks
     gt = in_memory(g.reshape(rows, cout).T, axis=0).reshape(cout, n, rows // n)  # (out, n, rows/n)
