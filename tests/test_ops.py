@@ -489,3 +489,55 @@ def test_softmax_values_grads_and_single_residual(axis):
     hvp_ref = jax.jvp(jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=axis) ** 3)), (jnp.asarray(x),),
                       (jnp.asarray(g),))[1]
     np.testing.assert_allclose(np.asarray(hvp), np.asarray(hvp_ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_training_values_stats_and_grads_equal_torch(affine):
+    """layers.BatchNorm in training mode (closed-form VJP) against torch's BatchNorm2d.train(): output, updated
+    running statistics, and the gradients of the input, weight and bias for a non-trivial output gradient."""
+    from flax import nnx
+
+    from volo_jax.layers import batch_norm
+
+    C = 6
+    x = _x((4, 5, 7, C), seed=41) * 3 + 1
+    g = _x((4, 5, 7, C), seed=42)
+    w, b = _x((C,), seed=43), _x((C,), seed=44)
+    bn = batch_norm(C, rngs=nnx.Rngs(0))
+    tbn = torch.nn.BatchNorm2d(C, affine=affine)
+    if affine:
+        bn.scale[...], bn.bias[...] = jnp.asarray(w), jnp.asarray(b)
+        tbn.weight.data, tbn.bias.data = torch.from_numpy(w), torch.from_numpy(b)
+    else:
+        bn.scale, bn.bias = None, None
+    bn.train()
+    tbn.train()
+    xt = _nchw(x).requires_grad_(True)
+    ref = tbn(xt)
+    ref.backward(_nchw(g))
+
+    graphdef, state = nnx.split(bn)
+
+    def f(state, x):
+        m = nnx.merge(graphdef, state)
+        return m(x), nnx.state(m)
+
+    (out, new_state), vjp = jax.vjp(f, state, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out), _nhwc(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_state["mean"][...]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_state["var"][...]), tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    zero_state = jax.tree.map(jnp.zeros_like, new_state)
+    d_state, dx = vjp((jnp.asarray(g), zero_state))
+    assert float(np.abs(_nhwc(xt.grad)).max()) > 1e-2  # a real gradient, not one near zero
+    np.testing.assert_allclose(np.asarray(dx), _nhwc(xt.grad), rtol=1e-4, atol=1e-5)
+    if affine:
+        np.testing.assert_allclose(np.asarray(d_state["scale"][...]), tbn.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(d_state["bias"][...]), tbn.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+    # a bfloat16 BatchNorm keeps bfloat16 activations in both directions (statistics in float32)
+    bn16 = batch_norm(C, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    bn16.train()
+    graphdef16, state16 = nnx.split(bn16)
+    out16, vjp16 = jax.vjp(lambda s, x: nnx.merge(graphdef16, s)(x), state16, jnp.asarray(x, jnp.bfloat16))
+    assert out16.dtype == jnp.bfloat16 and vjp16(out16)[1].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), _nhwc(torch.nn.BatchNorm2d(C).train()(_nchw(x))),
+                               rtol=0.02, atol=0.02)

@@ -6,6 +6,7 @@ like the timm state-dict key and conversion is renaming plus transposes (see ``c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -74,6 +75,50 @@ def layer_norm(dim: int, *, eps: float = 1e-5, dtype: Dtype = None, param_dtype:
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """Training-mode BatchNorm over every axis but the last (NHWC) in ``x``'s dtype (at least float32 by the caller):
+    ``(x - mean) * (rsqrt(var + eps) * scale) + bias`` with the batch mean and biased, centred variance, the same
+    ops as before. Its VJP is the closed form (``xhat = (x - mean) * rstd``)::
+
+        dbias = sum(dy);  dscale = sum(dy * xhat);  dx = scale * rstd * (dy - dbias / n - xhat * dscale / n)
+
+    Why: differentiated by JAX, the two-pass statistics give three full-size reductions per BatchNorm (through the
+    mean, the variance, and the variance's own dependence on the mean, which is zero in exact arithmetic) and keep
+    ``x - mean`` and its products for the backward; the closed form reads ``x`` and ``dy`` for two reductions and one
+    elementwise pass. ese_vovnet19b_dw's training step 1.12x and temp buffers 638 -> 474 MiB, volo_d1_224's 1.07x
+    and 1405 -> 1331 MiB (batch 8, 2 cores, one-process A/B, 7 of 7 pairs each).
+    """
+    return _batch_norm_train_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased centred (two-pass) variance over every axis but the last."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    return mean, jnp.square(x - mean).mean(axes)
+
+
+def _batch_norm_train_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    mean, var = _batch_stats(x)
+    rstd = lax.rsqrt(var + eps)
+    return (x - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
+
+
+def _batch_norm_train_bwd(eps: float, res, dy: jax.Array):
+    x, mean, rstd, scale = res
+    axes = tuple(range(x.ndim - 1))
+    n = float(np.prod(x.shape[:-1]))
+    xhat = (x - mean) * rstd
+    dbias = dy.sum(axes)
+    dscale = (dy * xhat).sum(axes)
+    dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n))
+    return dx, dscale, dbias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nnx.BatchNorm):
     """``nnx.BatchNorm`` with torch's ``BatchNorm2d`` semantics in training as well as in eval.
 
@@ -104,6 +149,19 @@ class BatchNorm(nnx.BatchNorm):
         x, mean, var, scale, bias = self.promote_dtype((x, self.mean[...], self.var[...], scale, bias),
                                                        dtype=self.dtype)
         out_dtype = x.dtype
+        if not use_ra and self.axis_name is None and feature_axis == x.ndim - 1:
+            # the common case (NHWC, the global batch under jit): the closed-form VJP (see _batch_norm_train)
+            xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in at least float32
+            n = float(np.prod(x.shape[:-1]))
+            mean, var = _batch_stats(lax.stop_gradient(xs))  # the same ops as inside: XLA computes them once
+            m = self.momentum
+            unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
+            self.mean[...] = (m * self.mean[...] + (1.0 - m) * mean).astype(self.mean.dtype)
+            self.var[...] = (m * self.var[...] + (1.0 - m) * unbiased).astype(self.var.dtype)
+            ones = jnp.ones(x.shape[-1], xs.dtype)
+            y = _batch_norm_train(xs, ones if scale is None else scale.astype(xs.dtype),
+                                  jnp.zeros_like(ones) if bias is None else bias.astype(xs.dtype), self.epsilon)
+            return y.astype(out_dtype)
         if not use_ra:
             xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in at least float32
             n = float(np.prod([x.shape[i] for i in reduction_axes]))
