@@ -335,13 +335,18 @@ def test_conv_general_dilated_matmul_path_equals_lax(kernel, stride, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
 
 
+@pytest.mark.parametrize("chunked", [True, False])
 @pytest.mark.parametrize("cin,kernel,stride", [(16, 3, 1), (3, 7, 2), (16, 3, 2)])
-def test_conv_tap_kernel_gradient_in_row_chunks(cin, kernel, stride):
-    """The tap-matmul kernel gradient with its rows split into chunks (one chunk of 2240 rows per image at stride 1),
-    per tap (16 input channels) and as one im2col matmul (3 channels, a 7x7/2 stem), equals lax's."""
+def test_conv_tap_kernel_gradient_in_row_chunks(cin, kernel, stride, chunked, monkeypatch):
+    """The tap-matmul kernel gradient, with its rows split into chunks (one chunk of 2240 rows per image at stride 1)
+    or as one contraction (what short ones get), per tap (16 input channels) and as one im2col matmul (3 channels, a
+    7x7/2 stem), equals lax's."""
     from jax import lax
 
     assert [ops._row_chunks(p) for p in (40 * 56, 112 * 112, 56 * 56, 97)] == [1, 7, 2, 1]
+    limit = 0 if chunked else 10**9  # rows above which the kernel gradient is chunked
+    monkeypatch.setattr(ops, "_TAP_ROWS_UNCHUNKED", limit)
+    monkeypatch.setattr(ops, "_IM2COL_ROWS_UNCHUNKED", limit)
     x = jnp.asarray(_x((2, 40, 56, cin), seed=11))
     w = jnp.asarray(_x((kernel, kernel, cin, 8), seed=12))
     pad = [(kernel // 2, kernel // 2)] * 2

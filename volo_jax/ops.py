@@ -562,6 +562,13 @@ def in_memory(x: jax.Array, axis: int = -1) -> jax.Array:
     return lax.dynamic_update_slice_in_dim(x, first, 0, axis=axis)
 
 
+# Longest contractions (B * oh * ow) that the tap kernel gradient leaves unchunked, per path; measured on 2 cores
+# (forward+backward of the conv alone): with 9 taps of 64 channels, 6272 rows ran 1.9x faster unchunked and 25088
+# rows 1.1x faster chunked; the im2col path (3 input channels) still ran 1.7x faster unchunked at 25088 rows.
+_TAP_ROWS_UNCHUNKED = 16384
+_IM2COL_ROWS_UNCHUNKED = 32768
+
+
 def _row_chunks(rows: int, target: int = 2048) -> int:
     """The divisor ``n`` of ``rows`` that makes ``rows // n`` closest to ``target``."""
     divisors = {d for i in range(1, math.isqrt(rows) + 1) if rows % i == 0 for d in (i, rows // i)}
@@ -577,10 +584,10 @@ def _conv_tap_wgrad_bwd(strides: tuple[int, int], pads: Pads2, precision: lax.Pr
     leading axis of ~10^5 rows into a tiny ``(in, out)``, which XLA:CPU runs as a transposed-operand ``dot`` at
     ~60 GFLOP/s. ``g`` written transposed once (:func:`in_memory`, or XLA folds the transpose back into the dot)
     and shared by every tap, then ``(out, n, rows/n) x (n, rows/n, in)`` batched over ``n`` chunks of ~2048 rows
-    (within an image) and summed, runs in XLA's fast matmul path: VOLO-D1's 3x3 64->64 stem conv (8, 112, 112, 64)
-    forward+backward 260 -> 223 ms (2 cores). With few input channels (a 3-channel stem) each tap's matmul is too
-    thin, so the taps are concatenated first (im2col, ``kh*kw*in`` columns) for one matmul: the 7x7/2 3->64 stem
-    177 -> 149 ms.
+    (within an image) and summed (a short contraction stays one chunk), runs in XLA's fast matmul path: VOLO-D1's
+    3x3 64->64 stem conv (8, 112, 112, 64) forward+backward 260 -> 223 ms (2 cores). With few input channels (a
+    3-channel stem) each tap's matmul is too thin, so the taps are concatenated first (im2col, ``kh*kw*in``
+    columns) for one matmul: the 7x7/2 3->64 stem 177 -> 149 ms.
     """
     x, kernel = res
     kh, kw, cin, cout = kernel.shape
@@ -592,7 +599,10 @@ def _conv_tap_wgrad_bwd(strides: tuple[int, int], pads: Pads2, precision: lax.Pr
     # inside the transposing loop in transposed order, slowly (VOLO-D1's two 3x3 stem convs: 48 -> 29 ms each)
     g = in_memory(g)
     rows = B * oh * ow
-    n = B * _row_chunks(oh * ow)  # chunks never span two images, so a batch-sharded g splits along whole chunks
+    # Chunk only long contractions; chunks never span two images, so a batch-sharded g splits along whole chunks.
+    # A short one (a downsampling conv on a small map) runs fastest as one matmul: PoolFormer-M36's last 3x3/2
+    # 384->768 conv, 392 rows, forward+backward 159 -> 57 ms; its 7x7/4 im2col stem, 25088 rows, 72 -> 42 ms.
+    n = B * _row_chunks(oh * ow) if rows > (_IM2COL_ROWS_UNCHUNKED if cin < 16 else _TAP_ROWS_UNCHUNKED) else 1
     gt = in_memory(g.reshape(rows, cout).T, axis=0).reshape(cout, n, rows // n)  # (out, n, rows/n)
     taps = [t.reshape(n, rows // n, cin) for t in _window_taps(x, (kh, kw), strides, pads, 0.0)]  # (n, rows/n, in)
     dims = (((2,), (1,)), ((1,), (0,)))  # contract the rows of a chunk, batch over chunks -> (n, out, cols)
