@@ -34,6 +34,7 @@ from timm.models.volo import OutlookAttention as TimmOutlookAttention  # noqa: E
 
 from volo_jax.ops import avg_pool2d  # noqa: E402
 from volo_jax.outlook import OutlookAttention, outlook_attention_reference  # noqa: E402
+from volo_jax.xla import compiler_options  # noqa: E402
 
 # (name, dim, heads, kernel, padding, stride, tokens): stage 1 of VOLO at 224px input (patch 8 -> 28x28 tokens).
 SHAPES = [
@@ -122,7 +123,10 @@ def _case(args: argparse.Namespace, dim: int, heads: int, k: int, p: int, s: int
         def loss(params, x, apply=apply):
             return jnp.sum(apply(params, x).astype(jnp.float32))
 
-        for pass_name, fn in (("fwd", jax.jit(apply)), ("fwd+bwd", jax.jit(jax.grad(loss, argnums=(0, 1))))):
+        # compiled as train.py and the model benchmark compile (XLA:CPU's memory-optimized scheduler on CPU)
+        opts = compiler_options()
+        for pass_name, fn in (("fwd", jax.jit(apply, compiler_options=opts)),
+                              ("fwd+bwd", jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts))):
             call = functools.partial(_call_jax, fn, params, xj)
             compile_s[impl_name, pass_name] = _timed(call)
             fns[impl_name, pass_name] = call
