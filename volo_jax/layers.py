@@ -78,8 +78,8 @@ def layer_norm(dim: int, *, eps: float = 1e-5, dtype: Dtype = None, param_dtype:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """Training-mode BatchNorm over every axis but the last (NHWC) in ``x``'s dtype (at least float32 by the caller):
-    ``(x - mean) * (rsqrt(var + eps) * scale) + bias`` with the batch mean and biased, centred variance, the same
-    ops as before. Its VJP is the closed form (``xhat = (x - mean) * rstd``)::
+    ``(x - mean) * (rsqrt(var + eps) * scale) + bias`` with the batch mean and biased, centred variance (the forward
+    ops of :class:`BatchNorm`'s general path). Its VJP is the closed form (``xhat = (x - mean) * rstd``)::
 
         dbias = sum(dy);  dscale = sum(dy * xhat);  dx = scale * rstd * (dy - dbias / n - xhat * dscale / n)
 
@@ -99,13 +99,15 @@ def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.square(x - mean).mean(axes)
 
 
-def _batch_norm_train_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+def _batch_norm_train_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                          eps: float) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     mean, var = _batch_stats(x)
     rstd = lax.rsqrt(var + eps)
     return (x - mean) * (rstd * scale) + bias, (x, mean, rstd, scale)
 
 
-def _batch_norm_train_bwd(eps: float, res, dy: jax.Array):
+def _batch_norm_train_bwd(eps: float, res: tuple[jax.Array, ...],
+                          dy: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     x, mean, rstd, scale = res
     axes = tuple(range(x.ndim - 1))
     n = float(np.prod(x.shape[:-1]))
@@ -156,8 +158,8 @@ class BatchNorm(nnx.BatchNorm):
             mean, var = _batch_stats(lax.stop_gradient(xs))  # the same ops as inside: XLA computes them once
             m = self.momentum
             unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
-            self.mean[...] = (m * self.mean[...] + (1.0 - m) * mean).astype(self.mean.dtype)
-            self.var[...] = (m * self.var[...] + (1.0 - m) * unbiased).astype(self.var.dtype)
+            self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1.0 - m) * mean).astype(self.mean.dtype)
+            self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1.0 - m) * unbiased).astype(self.var.dtype)
             ones = jnp.ones(x.shape[-1], xs.dtype)
             y = _batch_norm_train(xs, ones if scale is None else scale.astype(xs.dtype),
                                   jnp.zeros_like(ones) if bias is None else bias.astype(xs.dtype), self.epsilon)
