@@ -420,7 +420,8 @@ def test_conv_general_dilated_depthwise_path_equals_lax(stride, padding):
 
 
 def test_gelu_equals_torch_exact_gelu_values_and_grads():
-    """layers.gelu is torch.nn.GELU() (erf form, not tanh), written with erf for XLA:CPU speed; bf16 stays bf16."""
+    """layers.gelu is torch.nn.GELU() (erf form, not tanh), written with erf for XLA:CPU speed; bf16 stays bf16.
+    Its VJP keeps only the input (the backward recomputes erf), and forward mode still works."""
     from volo_jax.layers import gelu
 
     x = _x((4096,), seed=9) * 4
@@ -432,6 +433,11 @@ def test_gelu_equals_torch_exact_gelu_values_and_grads():
     np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(out))[0]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(out) - np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True))).max() > 1e-4
     assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+    residuals = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if getattr(leaf, "ndim", 0)]
+    assert [leaf.shape for leaf in residuals] == [x.shape]
+    np.testing.assert_array_equal(np.asarray(residuals[0]), x)
+    _, tangent = jax.jvp(gelu, (jnp.asarray(x),), (jnp.ones_like(out),))
+    np.testing.assert_allclose(np.asarray(tangent), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
