@@ -440,6 +440,41 @@ def test_gelu_equals_torch_exact_gelu_values_and_grads():
     np.testing.assert_allclose(np.asarray(tangent), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_layer_norm_equals_torch_and_recomputes_in_backward():
+    """layers.layer_norm is torch.nn.LayerNorm (eps 1e-5, centred variance): values and gradients (input, weight,
+    bias) match torch; its VJP keeps only the input and the scale (the backward recomputes the statistics), it is
+    still an nnx.LayerNorm for the converter, and forward mode works."""
+    from flax import nnx
+
+    from volo_jax.layers import layer_norm
+
+    x = _x((4, 10, 48), seed=31) * 3 + 2  # a large mean: the one-pass variance would lose digits
+    w, b, g = _x((48,), seed=32), _x((48,), seed=33), _x((4, 10, 48), seed=34)
+    ln = layer_norm(48, rngs=nnx.Rngs(0))
+    assert isinstance(ln, nnx.LayerNorm)
+    ln.scale[...], ln.bias[...] = jnp.asarray(w), jnp.asarray(b)
+    ref = torch.nn.LayerNorm(48)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(w))
+        ref.bias.copy_(torch.from_numpy(b))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = ref(xt)
+    yt.backward(torch.from_numpy(g))
+
+    graphdef, params = nnx.split(ln)
+    out, vjp = jax.vjp(lambda x, params: nnx.merge(graphdef, params)(x), jnp.asarray(x), params)
+    np.testing.assert_allclose(np.asarray(out), yt.detach().numpy(), **TOL)
+    dx, dparams = vjp(jnp.asarray(g))
+    pairs = ((dx, xt.grad), (dparams["scale"][...], ref.weight.grad), (dparams["bias"][...], ref.bias.grad))
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), rtol=1e-4, atol=1e-4)
+    residuals = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if getattr(leaf, "ndim", 0)]
+    assert sorted(leaf.shape for leaf in residuals) == sorted([(48,), x.shape]), [leaf.shape for leaf in residuals]
+    _, tangent = jax.jvp(lambda x: ln(x), (jnp.asarray(x),), (jnp.asarray(g),))
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(jax.jvp(
+        lambda x: nnx.LayerNorm.__call__(ln, x), (jnp.asarray(x),), (jnp.asarray(g),))[1]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_broadcast_batch_values_grads_and_path(batch):
     """ops.broadcast_batch is jnp.broadcast_to over a leading axis of 1; its gradient (the batch-sum) equals the

@@ -31,6 +31,7 @@ from volo_jax.features import feature_take_indices
 from volo_jax.layers import (
     DropPath,
     Dtype,
+    LayerNorm,
     Linear,
     dropout,
     gelu,
@@ -72,9 +73,9 @@ def _to_tuple(v: Any, n: int) -> tuple[Any, ...]:
 
 
 def layer_norm_2d(dim: int, *, eps: float = 1e-6, use_bias: bool = True, dtype: Dtype = None,
-                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> LayerNorm:
     """timm ``LayerNorm2d`` (channel LayerNorm of an NCHW map, eps 1e-6) = LayerNorm over the last axis in NHWC."""
-    return nnx.LayerNorm(dim, epsilon=eps, use_bias=use_bias, use_fast_variance=False, dtype=dtype,
+    return LayerNorm(dim, epsilon=eps, use_bias=use_bias, use_fast_variance=False, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
 
 
