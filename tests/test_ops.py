@@ -270,7 +270,7 @@ def test_fold_wrong_grid_raises():
 
 
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 2, 0)])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 2, 0), (3, 1, 0), (5, 1, 1)])
 @pytest.mark.parametrize("impl", ["slices", "conv"])
 def test_depthwise_conv2d_and_grads(size, kernel, stride, padding, impl):
     """Both formulations equal torch's grouped conv2d, values and gradients w.r.t. input and kernel."""
