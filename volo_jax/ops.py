@@ -504,7 +504,7 @@ def _depthwise_s1_bwd(padding: int, res: tuple[jax.Array, jax.Array],
     # out[y] = sum_i x[y + i - p] * w[i]  =>  dx[r] = sum_i g[r - i + p] * w[i] = sum_i' gpad[r + i'] * w[k-1-i']
     # with g padded by k - 1 - p on each side: the same correlation, kernel flipped; (B, H, W, C)
     dx = _depthwise_slices(g, kernel[::-1, ::-1], 1, kernel.shape[0] - 1 - padding)
-    return dx, dkernel
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)  # mixed dtypes: cotangents in the primals' dtypes
 
 
 _depthwise_s1.defvjp(_depthwise_s1_fwd, _depthwise_s1_bwd)
