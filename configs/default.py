@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.img_size = 0  # 0: the model's default input size
     c.drop_path = 0.0
     c.dtype = "float32"  # compute dtype; parameters stay float32
-    c.grad_checkpointing = False  # per-block remat (timm's --grad-checkpointing): less activation memory on GPU/TPU
+    c.grad_checkpointing = False  # per-block remat (timm's --grad-checkpointing): less activation memory
     # optimisation (timm train.py names)
     c.epochs = 300
     c.batch_size = 128  # PER DEVICE, as in the VOLO repo; the global batch is batch_size * devices

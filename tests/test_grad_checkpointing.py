@@ -49,18 +49,31 @@ def test_same_gradients_and_state_with_checkpointing(name, size):
     stats = nnx.Any(nnx.BatchStat, nnx.RngState)
     for (path, a), (_, b) in zip(_leaves(nnx.state(model, stats)), _leaves(nnx.state(ckpt, stats)), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7, err_msg=str(path))
-    # the remat really is in the program (XLA:CPU does not lower memory with it, see the next test)
+    # the remat really is in the program (what it saves: the next test)
     graphdef, params, rest = nnx.split(ckpt, nnx.Param, ...)
     jaxpr = jax.make_jaxpr(lambda p, r: nnx.grad(_loss)(nnx.merge(graphdef, p, r), x))(params, rest)
     assert "remat" in str(jaxpr)
 
 
-@pytest.mark.skipif(jax.default_backend() == "cpu",
-                    reason="XLA:CPU schedules the recomputation without lowering the peak: measured, remat raises "
-                           "temp memory there (see layers.run_block); the memory goal is the accelerators'")
-@pytest.mark.parametrize("name,size", [("volo_d1_224", 64), ("ese_vovnet19b_dw", 64)])
-def test_checkpointing_lowers_training_memory(name, size):
-    """The point of it on GPU/TPU: XLA's temp buffers for forward+backward shrink."""
+_ON_CPU = jax.default_backend() == "cpu"
+# (model, size, largest temp-buffer ratio with/without remat). On XLA:CPU remat saves memory only together with
+# run_block's param_grads_first (layers.run_block): VoVNet runs without it, so its case is the accelerators'. VOLO's
+# stem and patch embedding run outside the blocks at the highest resolution and are not rematerialised: on CPU
+# 0.79-0.85 at 64-128 px (0.78 at 224), so its CPU bound is 0.9.
+MEMORY_CASES = [
+    pytest.param("volo_d1_224", 64, 0.9 if _ON_CPU else 0.8, id="volo_d1_224"),
+    pytest.param("poolformer_s12", 64, 0.8, id="poolformer_s12"),
+    pytest.param("convit_tiny", 64, 0.8, id="convit_tiny"),
+    pytest.param("ese_vovnet19b_dw", 64, 0.8, id="ese_vovnet19b_dw", marks=pytest.mark.skipif(
+        _ON_CPU, reason="VoVNet's blocks run without param_grads_first, and XLA:CPU then gains nothing from remat")),
+]
+
+
+@pytest.mark.parametrize("name,size,max_ratio", MEMORY_CASES)
+def test_checkpointing_lowers_training_memory(name, size, max_ratio):
+    """The point of it: XLA's temp buffers for forward+backward shrink, compiled as the training step is."""
+    from volo_jax.xla import compiler_options
+
     temps = {}
     for enable in (False, True):
         model = volo_jax.create_model(name, img_size=size, num_classes=10)
@@ -72,9 +85,9 @@ def test_checkpointing_lowers_training_memory(name, size):
             return jnp.sum(nnx.merge(graphdef, s, copy=True)(x) ** 2)
 
         x = jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32)
-        compiled = jax.jit(jax.grad(loss)).lower(state, x).compile()
+        compiled = jax.jit(jax.grad(loss), compiler_options=compiler_options()).lower(state, x).compile()
         temps[enable] = compiled.memory_analysis().temp_size_in_bytes
-    assert temps[True] < 0.8 * temps[False], temps
+    assert temps[True] < max_ratio * temps[False], temps
 
 
 def test_train_step_and_flag():

@@ -319,8 +319,44 @@ def _materialize_grad_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
 materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
+@jax.custom_vjp
+def _param_grads_first(params: nnx.State, x: jax.Array) -> tuple[nnx.State, jax.Array]:
+    """The identity on ``(params, x)``, whose backward makes the gradient of ``x`` depend on every parameter
+    gradient, so that a program cannot use ``x``'s gradient before it has computed them (see :func:`run_block`)."""
+    return params, x
+
+
+def _param_grads_first_fwd(params: nnx.State, x: jax.Array) -> tuple[tuple[nnx.State, jax.Array], None]:
+    return (params, x), None
+
+
+def _param_grads_first_bwd(_: None, cotangents: tuple[nnx.State, jax.Array]) -> tuple[nnx.State, jax.Array]:
+    d_params, dx = cotangents
+    # 0 * (one element of each parameter gradient): zero for finite gradients, but XLA does not fold a float x * 0
+    # (it is NaN for an infinite or NaN x), so dx now reads every parameter gradient. A non-finite parameter
+    # gradient makes dx NaN too, where the update would already have turned the parameters NaN.
+    dep = sum((jnp.ravel(g)[0].astype(dx.dtype) for g in jax.tree.leaves(d_params)), jnp.zeros((), dx.dtype))
+    return d_params, dx + dep * 0
+
+
+_param_grads_first.defvjp(_param_grads_first_fwd, _param_grads_first_bwd)
+
+
+def _call_param_grads_first(block: nnx.Module, x: jax.Array,
+                            call: Callable[[nnx.Module, jax.Array], jax.Array]) -> jax.Array:
+    """``call(block, x)`` on a copy of ``block`` whose parameters, and ``x``, went through :func:`_param_grads_first`.
+
+    A copy, so the caller's module never holds traced parameters (it may live outside the trace, e.g. closed over by
+    ``jax.jit``, where its variables cannot take traced values). The copy has new parameter variables and shares every
+    other variable with ``block`` (``nnx.merge`` reuses the split state's variables), so BatchNorm statistics and RNG
+    counters update on ``block`` as in a plain call."""
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    params, x = _param_grads_first(params, x)
+    return call(nnx.merge(graphdef, params, rest), x)
+
+
 def run_block(block: Callable[[jax.Array], jax.Array], x: jax.Array, checkpoint: bool = False, *,
-              grad_barrier: bool = False) -> jax.Array:
+              grad_barrier: bool = False, param_grads_first: bool = False) -> jax.Array:
     """``block(x)``, or with ``checkpoint`` the same call under ``nnx.remat`` (activation checkpointing, timm's
     ``checkpoint_seq`` one block at a time).
 
@@ -329,21 +365,38 @@ def run_block(block: Callable[[jax.Array], jax.Array], x: jax.Array, checkpoint:
     (VOLO, ConViT) need it; PoolFormer's GroupNorm residual stream does not show the trap, and there the barrier
     only added 3 % to the step's temp buffers, so the models choose.
 
+    With ``param_grads_first``, on CPU the backward computes the block's parameter gradients before it hands the
+    gradient of ``x`` on to the block below. Without it, XLA:CPU's memory-optimized scheduler (jaxlib 0.10.2) ran the
+    whole input-gradient chain first and every block's weight-gradient dots, bias and norm reductions at the end,
+    keeping each block's output gradients and saved inputs alive to the end of the step: in volo_d1_224's step
+    (batch 8) the 14 transformer blocks' ``(1568, 1152)`` qkv gradients, MLP-hidden products and more were live
+    together at the peak (XLA's ``live-range`` dump). With it, temp buffers of the batch-8 training step
+    volo_d1_224 1264 -> 1128 MiB, poolformer_m36 2220 -> 1799, convit_base 1793 -> 1689, at the same speed (fresh
+    processes in turn, 3 each: 0.99x, 1.01x, 1.02x; the same losses over 8 steps). ese_vovnet19b_dw's step went
+    548 -> 474 MiB but about 0.85x as fast (one-process A/Bs both ways round: its few, small blocks lose the
+    overlap of weight- and input-gradient work), so the models choose. The dependency is a zero, ``0 * (one element of each parameter gradient)``, added
+    to the input gradient: the forward is untouched, gradients equal up to float rounding (the zero changes
+    XLA's fusions, and with them the order of some sums). ``lax.optimization_barrier`` cannot do this: XLA:CPU
+    removes barriers before scheduling, without ordering anything.
+
     Under remat the backward pass keeps only each block's input and recomputes the block's forward when its gradient
     is needed: activation memory drops from every intermediate of every block to the block inputs plus one block's
     intermediates, for about one extra forward of compute. The result and the gradients are the same; dropout and
     drop-path recompute with the same keys (the RNG state is an input of the rematerialised function).
 
-    That saving is what GPU/TPU schedulers deliver. XLA:CPU (jaxlib 0.10.2) schedules the recomputation without
-    lowering the peak: temp buffers of a batch-8 forward+backward at 224 px, without -> with checkpointing,
-    volo_d1_224 1610 -> 1724 MiB, ese_vovnet19b_dw 745 -> 745 MiB (memory-optimized scheduler; 2189 -> 2341 and
-    1392 -> 1392 with XLA's default one), so on CPU leave it off.
+    On XLA:CPU (jaxlib 0.10.2) remat lowers the peak only together with ``param_grads_first``, which stops the
+    scheduler from keeping every block's gradients to the end: temp buffers of the batch-8 training step at 224 px,
+    without -> with checkpointing, volo_d1_224 1128 -> 884 MiB, poolformer_m36 1799 -> 1056, convit_base 1689 ->
+    927; ese_vovnet19b_dw (no ``param_grads_first``) 548 -> 547. Before ``param_grads_first`` remat raised volo_d1's
+    1610 MiB to 1724.
     """
-    if grad_barrier and jax.default_backend() == "cpu":
+    cpu = jax.default_backend() == "cpu"
+    if grad_barrier and cpu:
         x = materialize_grad(x)
-    if not checkpoint:
-        return block(x)
-    return nnx.remat(_call_block)(block, x)
+    call = nnx.remat(_call_block) if checkpoint else _call_block
+    if param_grads_first and cpu and isinstance(block, nnx.Module):
+        return _call_param_grads_first(block, x, call)
+    return call(block, x)
 
 
 def _call_block(block: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:

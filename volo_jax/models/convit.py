@@ -287,7 +287,7 @@ class ConVit(nnx.Module):
                 B, _, C = x.shape
                 cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (B, 1, C))
                 x = jnp.concatenate([cls, x], axis=1)  # (B, 1 + N, C)
-            x = run_block(block, x, self.grad_checkpointing, grad_barrier=True)
+            x = run_block(block, x, self.grad_checkpointing, grad_barrier=True, param_grads_first=True)
             if take is not None and i in take:
                 taken.append(x)
         return x, taken

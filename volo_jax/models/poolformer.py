@@ -244,7 +244,7 @@ class MetaFormerStage(nnx.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         for block in self.blocks:
-            x = run_block(block, x, self.grad_checkpointing)
+            x = run_block(block, x, self.grad_checkpointing, param_grads_first=True)
         return x
 
 

@@ -362,7 +362,7 @@ class VOLO(nnx.Module):
                 x = self.pos_drop(x + self.pos_embed[...])
             if isinstance(stage, nnx.List):
                 for block in stage:
-                    x = run_block(block, x, self.grad_checkpointing, grad_barrier=True)
+                    x = run_block(block, x, self.grad_checkpointing, grad_barrier=True, param_grads_first=True)
             else:
                 x = stage(x)
             if take is not None and idx in take:
@@ -381,7 +381,7 @@ class VOLO(nnx.Module):
         cls_tokens = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (B, 1, C))
         x = jnp.concatenate([cls_tokens, x], axis=1)
         for block in self.post_network:
-            x = run_block(block, x, self.grad_checkpointing, grad_barrier=True)
+            x = run_block(block, x, self.grad_checkpointing, grad_barrier=True, param_grads_first=True)
         return x
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
