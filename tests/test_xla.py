@@ -15,7 +15,7 @@ from flax import nnx
 
 import volo_jax
 from volo_jax import xla
-from volo_jax.layers import Linear
+from volo_jax.layers import Linear, run_block
 
 
 def test_options_per_backend():
@@ -124,8 +124,6 @@ class _Stack(nnx.Module):
         self.first = first
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        from volo_jax.layers import run_block
-
         for block in self.blocks:
             x = run_block(block, x, param_grads_first=self.first)
         return x

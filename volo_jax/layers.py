@@ -374,10 +374,11 @@ def run_block(block: Callable[[jax.Array], jax.Array], x: jax.Array, checkpoint:
     volo_d1_224 1264 -> 1128 MiB, poolformer_m36 2220 -> 1799, convit_base 1793 -> 1689, at the same speed (fresh
     processes in turn, 3 each: 0.99x, 1.01x, 1.02x; the same losses over 8 steps). ese_vovnet19b_dw's step went
     548 -> 474 MiB but about 0.85x as fast (one-process A/Bs both ways round: its few, small blocks lose the
-    overlap of weight- and input-gradient work), so the models choose. The dependency is a zero, ``0 * (one element of each parameter gradient)``, added
-    to the input gradient: the forward is untouched, gradients equal up to float rounding (the zero changes
-    XLA's fusions, and with them the order of some sums). ``lax.optimization_barrier`` cannot do this: XLA:CPU
-    removes barriers before scheduling, without ordering anything.
+    overlap of weight- and input-gradient work), so the models choose. The dependency is a zero,
+    ``0 * (one element of each parameter gradient)``, added to the input gradient: the forward is untouched,
+    gradients equal up to float rounding (the zero changes XLA's fusions, and with them the order of some sums).
+    ``lax.optimization_barrier`` cannot do this: XLA:CPU removes barriers before scheduling, without ordering
+    anything.
 
     Under remat the backward pass keeps only each block's input and recomputes the block's forward when its gradient
     is needed: activation memory drops from every intermediate of every block to the block inputs plus one block's
