@@ -133,7 +133,8 @@ class _Stack(nnx.Module):
 def test_param_grads_first_orders_the_backward_and_keeps_the_values():
     """``run_block(..., param_grads_first=True)``: the same loss and BatchNorm statistics to the bit, the same
     gradients to float rounding, and the input gradient really reads the parameter gradients (a NaN parameter
-    gradient reaches it; without the option it does not). What that buys is in the models' test below."""
+    gradient reaches it; without the option it does not). What that buys: test_grad_checkpointing.py's
+    model memory tests."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 256, 64)), jnp.float32)
 
     def run(first: bool, nan_grad: bool = False) -> tuple:
@@ -161,38 +162,6 @@ def test_param_grads_first_orders_the_backward_and_keeps_the_values():
     assert float(np.asarray(first[3]).std()) > 0.1  # a real input gradient, varying over the input
     assert np.isfinite(np.asarray(run(False, nan_grad=True)[3])).all()
     assert np.isnan(np.asarray(run(True, nan_grad=True)[3])).all()
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="run_block applies param_grads_first on CPU only")
-@pytest.mark.parametrize("name", ["volo_d1_224", "poolformer_s12", "convit_tiny"])
-def test_param_grads_first_shrinks_the_models_training_temp_buffers(name, monkeypatch):
-    """The models that ask for param_grads_first, compiled as the training step is (batch 8, 64 px): without it
-    XLA:CPU's memory-optimized scheduler keeps every block's output gradients and saved inputs alive for the
-    weight-gradient dots and reductions it runs at the end (measured: with it, 0.56-0.71 of the temp buffers)."""
-    from volo_jax import layers
-    from volo_jax.models import convit, poolformer, volo
-
-    family = {"volo_d1_224": volo, "poolformer_s12": poolformer, "convit_tiny": convit}[name]
-
-    def without(block, x, checkpoint=False, *, grad_barrier=False, param_grads_first=False):
-        assert param_grads_first  # the model asks for it
-        return layers.run_block(block, x, checkpoint, grad_barrier=grad_barrier)
-
-    temps = {}
-    for first in (True, False):
-        if not first:
-            monkeypatch.setattr(family, "run_block", without)
-        model = volo_jax.create_model(name, img_size=64, num_classes=10)
-        model.train()
-        graphdef, state = nnx.split(model)
-
-        def loss(s: nnx.State, x: jax.Array, graphdef: nnx.GraphDef = graphdef) -> jax.Array:
-            return jnp.sum(nnx.merge(graphdef, s, copy=True)(x) ** 2)
-
-        x = jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32)
-        compiled = jax.jit(jax.grad(loss), compiler_options=xla.compiler_options("cpu")).lower(state, x).compile()
-        temps[first] = compiled.memory_analysis().temp_size_in_bytes
-    assert temps[True] < 0.8 * temps[False], temps
 
 
 def test_param_grads_first_leaves_the_callers_module_alone():
