@@ -1,11 +1,11 @@
 """Parity is the specification: timm with every tensor randomized -> file -> create_model(pretrained=file) == timm.
 
 For every VOLO variant the randomized timm weights are written as ``.safetensors``, ``.pth`` (plain state dict) and
-``.pth.tar`` (``{'state_dict': ...}`` like the sail-sg release files); each loads through ``create_model`` to the
-same state, and the model's logits, pre-logits, features and every stage output equal timm's within
-``max|delta| <= 1e-4 * max(1, max|ref|)`` in fp32, top-1 identical; every block is also compared on timm's own input
-so that a failure names the layer. The reference logits must vary across the batch, or the check would test only
-the head.
+``.pth.tar`` (``{'state_dict': ...}`` like the sail-sg release files); each loads (``create_model``, then its
+``load_pretrained`` into the same model set to NaN) to the same state, and the model's logits, pre-logits, features
+and every stage output equal timm's within ``max|delta| <= 1e-4 * max(1, max|ref|)`` in fp32, top-1 identical; every
+block is also compared on timm's own input so that a failure names the layer. The reference logits must vary across
+the batch, or the check would test only the head.
 """
 
 import numpy as np
