@@ -43,9 +43,9 @@ def randomize_timm_model(model: Any, *, seed: int = 0, calib_input_size: tuple[i
 
     Weights with a fan-in get N(0, 1/fan_in) (activations keep their scale, so no block is near identity and none
     explodes); 1-D scales (norm weights, layer scales, gates) U(0.5, 1.5); biases N(0, 0.1^2); embeddings and tokens
-    N(0, 0.5^2). BatchNorm running statistics are first calibrated by a forward pass in training mode over random
-    data (cumulative average), then perturbed (mean +- 0.1 std, var x U(0.8, 1.25)), so the eval-mode BatchNorm is
-    neither identity nor the batch statistics of the test input.
+    N(0, 0.5^2). BatchNorm running statistics are first calibrated by forward passes in training mode over random
+    data (cumulative average; each pass stops once every BatchNorm has run), then perturbed (mean +- 0.1 std,
+    var x U(0.8, 1.25)), so the eval-mode BatchNorm is neither identity nor the batch statistics of the test input.
 
     Args:
         model: a timm ``nn.Module``.
