@@ -4,9 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo_out
-# pytest workers for the fast part: mostly XLA compiles and torch references, which parallelise over processes.
-# The slow part (large variants: timm + our model + converted copies, up to ~12 GB per process) runs in one
-# process afterwards, so two of them never meet in the 24 GB of the development/CI machine.
+# pytest workers: the suite is mostly XLA compiles and torch references, which parallelise over processes.
+# `--dist loadgroup` (tests/conftest.py) keeps the tests that need up to ~12 GB (large VOLO variants, the 8-device
+# training step) on one worker, one after another, so two of them never meet in the 24 GB of the development/CI
+# machine; the other workers take every other test, slow ones included.
 WORKERS ?= 2
 # glibc's huge-page malloc for XLA:CPU's per-step temp buffers (see volo_jax.xla.reexec_with_hugepage_malloc), set
 # for every command here so that the CLIs need not re-execute themselves; glibc < 2.35 and other libcs ignore it.
@@ -42,8 +43,7 @@ demo: $(STAMP)
 
 ## make test: the whole suite, slow cases included (they are marked, never dropped).
 test: $(STAMP)
-	$(PY) -m pytest -n $(WORKERS) -m "not slow" --durations=10 tests
-	$(PY) -m pytest -p no:xdist -m slow --durations=15 tests
+	$(PY) -m pytest -n $(WORKERS) --dist loadgroup --durations=25 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check volo_jax converters tests benchmarks
