@@ -157,6 +157,7 @@ def test_parity_report_names_the_first_divergent_block():
     assert "FIRST DIVERGENT BLOCK: network.2.3" in report.format()
 
 
+@pytest.mark.usefixtures("jax_cache_for_subprocesses")
 def test_parity_cli_exit_status(tmp_path):
     """The user-facing tool: exit 0 on parity, 1 above tolerance (here an impossible tolerance of 1e-12)."""
     import subprocess

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
+# Every test here starts its train.py / eval.py processes one after another (conftest.jax_cache_for_subprocesses).
+pytestmark = pytest.mark.usefixtures("jax_cache_for_subprocesses")
 
 import volo_jax  # noqa: E402
 from volo_jax.checkpoint import TrainCheckpoints  # noqa: E402
