@@ -26,10 +26,11 @@ import gc  # noqa: E402
 
 import pytest  # noqa: E402
 
-# Tests that hold up to ~12 GB at once: the large variants' parity (timm, our model, its converted copies and the
-# features_only model) and the 8-device training step's subprocess (~8 GB). Two of them together would not fit in the
-# 24 GB of the development/CI machine, so under pytest-xdist's `--dist loadgroup` they form one work unit that a
-# single worker runs one after another, while the other worker takes every other test. pytest-xdist's own
+# Tests that hold up to ~12 GB at once: the large VOLO variants' parity (timm, our model, its converted copies and
+# the features_only model) and the 8-device training step's subprocess (~8 GB). Two of them together would not fit in
+# the 24 GB of the development/CI machine, so under pytest-xdist's `--dist loadgroup` they form one work unit that a
+# single worker runs one after another, while the other worker takes every other test (the other families' large
+# variants need far less: a whole `make test` peaked at 19.1 GB in use). pytest-xdist's own
 # `xdist_group` marker cannot do this under pytest 9.2 (xdist renames `item._nodeid`, which pytest 9.2 no longer
 # reads) and the scheduler only sees node ids, so the tests are named here: a test function of this name, any
 # parametrization, in any test file.
@@ -65,7 +66,7 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture
 def jax_cache_for_subprocesses(tmp_path, monkeypatch):
     """JAX's persistent compilation cache, private to this test, for the processes it starts *one after another*
-    (train.py runs that resume each other, the parity CLI run twice): the second process loads the train step, eval
+    (train.py runs that resume each other, the parity CLI's three runs): the second process loads the train step, eval
     step and initialisers the first compiled (a 3-run resume test 89 -> 52 s). Not for processes that run at the
     same time or are killed: jax 0.10.2 writes entries without a lock or an atomic rename. This pytest process
     read its JAX settings at import, so only the children use the cache."""
@@ -88,6 +89,9 @@ def _malloc_trim() -> None:
     """Hand glibc's freed heap back to the system: after a large VOLO variant, `gc` alone leaves the process at
     2.7-3.7 GB where the trim brings it to 1.1 GB (measured on volo_d2_384 and volo_d3_448), and a worker that keeps
     what it freed holds ~12 GB by the end of the large variants. Other C libraries have no such call."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no process-wide symbol table (Windows)
+        return
     if trim is not None:
         trim(0)
