@@ -30,10 +30,10 @@ import pytest  # noqa: E402
 # the features_only model) and the 8-device training step's subprocess (~8 GB). Two of them together would not fit in
 # the 24 GB of the development/CI machine, so under pytest-xdist's `--dist loadgroup` they form one work unit that a
 # single worker runs one after another, while the other worker takes every other test (the other families' large
-# variants need far less: a whole `make test` peaked at 19.1 GB in use). pytest-xdist's own
-# `xdist_group` marker cannot do this under pytest 9.2 (xdist renames `item._nodeid`, which pytest 9.2 no longer
-# reads) and the scheduler only sees node ids, so the tests are named here: a test function of this name, any
-# parametrization, in any test file.
+# variants need far less: a whole `make test` peaked at 19.1 GB in use). pytest-xdist's own `xdist_group` marker
+# cannot do this under pytest 9.2 (xdist renames `item._nodeid`, which pytest 9.2 no longer reads) and the scheduler
+# only sees node ids, so the tests are named here: a test function of this name, any parametrization, in any test
+# file.
 LARGE_MEMORY_TESTS = frozenset({
     "test_volo_parity_large_variants",
     "test_train_step_same_on_1_and_8_devices",

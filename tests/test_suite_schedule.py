@@ -26,7 +26,8 @@ def _test_functions() -> dict[str, str]:
 
 
 class _LoadGroupConfig:
-    """The two settings the scheduler reads: `-n 2 --dist loadgroup`."""
+    """What the scheduler reads of pytest's config under `-n 2 --dist loadgroup`: `dist`, `tx` (the worker count)
+    and `loadscopereorder`."""
 
     option = SimpleNamespace(loadscopereorder=True)
 
