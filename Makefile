@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check volo_jax converters tests benchmarks
 
 bench: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks --readme README.md
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.report import Recorder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="ImageNet-layout folder (train/, val/); default: temp photos")
@@ -112,16 +114,20 @@ def _timm(root: Path, args: argparse.Namespace, aa: str | None) -> dict[str, flo
     return rates
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> Recorder:
+    rec = Recorder()
     aa = None if args.aa.lower() in ("", "none") else args.aa
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else _write_photos(Path(tmp) / "photos", args.images)
         ours = _ours(root, args, aa)
         theirs = None if args.no_timm else _timm(root, args, aa)
-    print(f"{args.img_size} px, batch {args.batch}, {args.workers} workers, aa={aa}, {args.batches} timed batches")
-    print("| pipeline | ours img/s | timm img/s | ratio |")
-    print("|---|---|---|---|")
+    source = args.data if args.data else f"{args.images}+{args.images} generated JPEG photos"
+    rec.note(f"{source}, {args.img_size} px, batch {args.batch}, {args.workers} workers, aa={aa}, "
+             f"{args.batches} timed batches")
+    rows = []
     for split in ("train", "eval"):
         t = f"{theirs[split]:.1f}" if theirs else "-"
         r = f"{ours[split] / theirs[split]:.2f}x" if theirs else "-"
-        print(f"| {split} | {ours[split]:.1f} | {t} | {r} |")
+        rows.append([split, f"{ours[split]:.1f}", t, r])
+    rec.table(["pipeline", "ours img/s", "timm img/s", "ratio"], rows)
+    return rec

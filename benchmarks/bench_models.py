@@ -57,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.report import Recorder  # noqa: E402
 from volo_jax.xla import compiler_options  # noqa: E402
 
 SEED_MODELS = ["volo_d1_224", "poolformer_m36", "ese_vovnet19b_dw", "convit_base"]
@@ -127,6 +128,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _size_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``img_size`` for the constructors when ``--img-size`` is set and the model takes it: the fixed-input-size ones
+    (VOLO, ConViT: position embeddings), as timm's ``fixed_input_size``; the CNNs take any input as they are (timm's
+    PoolFormer and VoVNet constructors reject ``img_size``)."""
+    from volo_jax.registry import get_pretrained_cfg
+
+    return {"img_size": args.img_size} if args.img_size and get_pretrained_cfg(name).get("fixed_input_size") else {}
+
+
+def _input_size(model: Any, args: argparse.Namespace) -> int:
+    """The side of the benchmark's input: ``--img-size``, else the model's default."""
+    return args.img_size or model.pretrained_cfg["input_size"][-1]
+
+
 def _models(name: str, args: argparse.Namespace, num_classes: int | None = None) -> tuple[Any, Any, int]:
     """timm's model and ours with the same weights (timm's own init, converted), and the input size."""
     import timm
@@ -136,7 +151,7 @@ def _models(name: str, args: argparse.Namespace, num_classes: int | None = None)
     from converters.parity import timm_state_dict_numpy
     from converters.torch_to_flax import convert_state_dict
 
-    kw: dict[str, Any] = {} if not args.img_size else {"img_size": args.img_size}
+    kw = _size_kwargs(name, args)
     torch.manual_seed(0)
     ref = timm.create_model(name, **kw)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -144,8 +159,7 @@ def _models(name: str, args: argparse.Namespace, num_classes: int | None = None)
     from flax import nnx
 
     nnx.update(ours, convert_state_dict(timm_state_dict_numpy(ref), ours))
-    size = ours.pretrained_cfg["input_size"][-1]
-    return ref, ours, size
+    return ref, ours, _input_size(ours, args)
 
 
 def matmul_gflops(n: int, repeats: int = 5) -> float:
@@ -294,19 +308,19 @@ def _probe(args: argparse.Namespace) -> None:
     import gc
 
     name = args.models[0]
-    kw: dict[str, Any] = {} if not args.img_size else {"img_size": args.img_size}
+    kw = _size_kwargs(name, args)
     if args._probe == "jax":
         import volo_jax
 
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         model = volo_jax.create_model(name, dtype=dtype, **kw)
-        call = _ours_step(model, args.train_batch, model.pretrained_cfg["input_size"][-1])
+        call = _ours_step(model, args.train_batch, _input_size(model, args))
     else:
         import timm
         import torch
 
         model = timm.create_model(name, **kw)
-        call = _timm_step(model, args.train_batch, model.pretrained_cfg["input_size"][-1], args)
+        call = _timm_step(model, args.train_batch, _input_size(model, args), args)
     call()  # first step: our compile, timm's lazily created AdamW moments; both then hold the optimizer state
     gc.collect()
     _malloc_trim()
@@ -349,8 +363,7 @@ def bench_convert(name: str, ref: Any, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-        kw: dict[str, Any] = {} if not args.img_size else {"img_size": args.img_size}
-        return _timed(lambda: volo_jax.create_model(name, pretrained=str(path), **kw))
+        return _timed(lambda: volo_jax.create_model(name, pretrained=str(path), **_size_kwargs(name, args)))
 
 
 # --------------------------------------------------------------------------- main
@@ -358,7 +371,8 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None or v != v else format(v, spec)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> Recorder | None:
+    """Run the benchmark; returns the markdown it printed (None for an internal memory probe)."""
     import torch
 
     jax.config.update("jax_platforms", args.device)
@@ -369,10 +383,10 @@ def run(args: argparse.Namespace) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     if args._probe:
         _probe(args)
-        return
+        return None
+    rec = Recorder()  # starts the clock for the README block's "when"
     if len(args.models) > 1:
-        _run_per_process(args)
-        return
+        return _run_per_process(args, rec)
     dev = jax.devices()[0]
     print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} on "
           f"{_torch_device(args)} with {torch.get_num_threads()} threads, {args.dtype}, median of {args.repeats}, "
@@ -398,16 +412,16 @@ def run(args: argparse.Namespace) -> None:
             print(f"  {name}: conversion {r['convert_s']:.1f} s", flush=True)
         results["models"][name] = r
         del ref, ours
-    _finish(results, args)
+    return _finish(results, args, rec)
 
 
 def _inference_row(name: str, batch: int | str, r: dict[str, Any]) -> list[str]:
     b = r["inference"][batch]  # keys are ints, or strings after a JSON round trip
     frac = b["gflop"] * b["ours_img_s"] / int(batch) / r["matmul_gflops"] if r.get("matmul_gflops") else None
-    best = max(b["timm_img_s"], b.get("timm_compile_img_s", 0.0))
-    return [name, str(batch), _fmt(b["ours_img_s"]), _fmt(b["timm_img_s"]), _fmt(b.get("timm_compile_img_s")),
-            f"{b['ours_img_s'] / best:.2f}x", f"{frac * 100:.0f} %" if frac else "-", _fmt(b["compile_s"]),
-            _fmt(b.get("torch_compile_s"))]
+    comp = b.get("timm_compile_img_s")
+    return [name, str(batch), _fmt(b["ours_img_s"]), _fmt(b["timm_img_s"]), _fmt(comp),
+            f"{b['ours_img_s'] / b['timm_img_s']:.2f}x", f"{b['ours_img_s'] / comp:.2f}x" if comp else "-",
+            f"{frac * 100:.0f} %" if frac else "-", _fmt(b["compile_s"]), _fmt(b.get("torch_compile_s"))]
 
 
 def _train_row(name: str, batch: int, r: dict[str, Any]) -> list[str]:
@@ -417,31 +431,41 @@ def _train_row(name: str, batch: int, r: dict[str, Any]) -> list[str]:
             _fmt(t.get("train_jax_peak_mib"), ".0f"), _fmt(t.get("train_timm_peak_mib"), ".0f")]
 
 
-def _finish(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """The tables of every model in ``results`` and the JSON file."""
+def _finish(results: dict[str, Any], args: argparse.Namespace, rec: Recorder) -> Recorder:
+    """The tables of every model in ``results`` (printed, and recorded in ``rec``) and the JSON file."""
     models = results["models"]
-    _table(["model", "B", "ours img/s", "timm eager img/s", "timm compile img/s", "ours / best timm",
-            "of matmul rate", "our compile s", "torch.compile s"],
-           [_inference_row(n, b, r) for n, r in models.items() for b in r["inference"]])
+    rec.note(f"{results['dtype']} on {results['device']}; inference at batch {', '.join(map(str, args.batch))}, "
+             f"training step at batch {args.train_batch or '-'}; medians of {args.repeats}. Ratios are ours / timm "
+             f"(> 1: we are faster). \"of matmul rate\": our model FLOPs per second over a "
+             f"{args.matmul}x{args.matmul} fp32 matmul's rate in the same process"
+             + (" (GFLOP/s: " + ", ".join(f"{n} {r['matmul_gflops']:.0f}" for n, r in models.items()
+                                            if r.get("matmul_gflops")) + ")." if args.matmul else ", not measured."))
+    rec.table(["model", "B", "ours img/s", "timm eager img/s", "timm compile img/s", "ours / eager",
+               "ours / compile", "of matmul rate", "our compile s", "torch.compile s"],
+              [_inference_row(n, b, r) for n, r in models.items() for b in r["inference"]], title="**Inference**")
     if args.train_batch:
-        _table(["model", "B", "ours img/s", "timm img/s", "ratio", "our compile s", "ours peak MiB",
-                "timm peak MiB"], [_train_row(n, args.train_batch, r) for n, r in models.items() if "train" in r])
+        rec.table(["model", "B", "ours img/s", "timm img/s", "ratio", "our compile s", "ours peak MiB",
+                   "timm peak MiB"], [_train_row(n, args.train_batch, r) for n, r in models.items() if "train" in r],
+                  title="**Training step** (forward, cross-entropy, backward, AdamW)")
     if not args.no_convert:
-        _table(["model", "conversion s"], [[n, f"{r['convert_s']:.1f}"] for n, r in models.items()])
+        rec.table(["model", "conversion s"], [[n, f"{r['convert_s']:.1f}"] for n, r in models.items()],
+                  title="**Conversion** (`create_model(name, pretrained=<file>.safetensors)`)")
     if args.json:
         from volo_jax.checkpoint import write_atomic
 
         write_atomic(args.json, json.dumps(results, indent=1))
+    return rec
 
 
-def _run_per_process(args: argparse.Namespace) -> None:
+def _run_per_process(args: argparse.Namespace, rec: Recorder) -> Recorder:
     """Each model in a fresh process (this command with ``--models NAME``, its output streamed), then the combined
     tables; see the module docstring for why."""
     values = ("batch", "train_batch", "img_size", "repeats", "warmup", "device", "dtype", "threads", "matmul",
               "settle_ms")
     switches = ("no_compile", "no_memory", "no_convert")
     # every flag of add_arguments must reach the children; a new one that is not listed above fails here, loudly
-    unforwarded = set(vars(args)) - set(values) - set(switches) - {"name", "models", "json", "_probe"}
+    # (--readme is the parent's: it writes the combined tables)
+    unforwarded = set(vars(args)) - set(values) - set(switches) - {"name", "models", "json", "_probe", "readme"}
     if unforwarded:
         raise RuntimeError(f"_run_per_process does not forward {sorted(unforwarded)}")
     flags: list[str] = []
@@ -462,12 +486,5 @@ def _run_per_process(args: argparse.Namespace) -> None:
             results.update({k: v for k, v in one.items() if k != "models"})
             results["models"].update(one["models"])
     print(f"\n== all models ({len(args.models)} processes)")
-    _finish(results, args)
+    return _finish(results, args, rec)
 
-
-def _table(cols: list[str], rows: list[list[str]]) -> None:
-    print()
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")

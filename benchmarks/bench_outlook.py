@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from timm.models.volo import OutlookAttention as TimmOutlookAttention  # noqa: E402
 
+from benchmarks.report import Recorder  # noqa: E402
 from volo_jax.ops import avg_pool2d  # noqa: E402
 from volo_jax.outlook import OutlookAttention, outlook_attention_reference  # noqa: E402
 from volo_jax.xla import compiler_options  # noqa: E402
@@ -150,7 +151,8 @@ def _torch_device(args: argparse.Namespace) -> str:
     return "cuda" if args.device == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> Recorder:
+    rec = Recorder()
     jax.config.update("jax_platforms", args.device)
     torch.set_num_threads(args.threads)
     dev = jax.devices()[0]
@@ -182,10 +184,7 @@ def run(args: argparse.Namespace) -> None:
                     row += [f"{t_ref:.2f}", f"{t_timm / t_ref:.2f}x", f"{compile_s['ref', pass_name]:.2f}"]
                 rows.append(row)
                 print("  " + " | ".join(row), flush=True)
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    print()
-    print(fmt.format(*cols))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(fmt.format(*row))
+    rec.note(f"{args.dtype}, medians of {args.repeats}; timm's `OutlookAttention` eager against ours jitted; ratio = "
+             f"timm time / ours (> 1: we are faster); \"ref\": the unfold / einsum / fold formulation.")
+    rec.table(cols, rows)
+    return rec

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from benchmarks.bench_models import SEED_MODELS
+from benchmarks.report import Recorder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,11 +82,12 @@ def _bench_model(name: str, options: dict[str, dict[str, Any]], args: argparse.N
             f"{temp[d]:.0f}", f"{temp[o]:.0f}", "same" if loss[d] == loss[o] else f"{loss[d]!r} vs {loss[o]!r}"]
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> Recorder:
     import jax
 
     from volo_jax.xla import compiler_options
 
+    rec = Recorder()
     jax.config.update("jax_platforms", args.device)
     options = {"xla defaults": {}, "ours": compiler_options()}
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, median of {args.repeats}; "
@@ -97,8 +99,6 @@ def run(args: argparse.Namespace) -> None:
         print("  " + " | ".join(rows[-1]), flush=True)
     cols = ["model", "fwd img/s, xla defaults", "fwd img/s, ours", "ratio", "train img/s, xla defaults",
             "train img/s, ours", "ratio", "step temp MiB, xla defaults", "step temp MiB, ours", "loss"]
-    print()
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    rec.note(f"Batch {args.batch}, medians of {args.repeats}; ours = `{options['ours'] or 'no options'}`.")
+    rec.table(cols, rows)
+    return rec

@@ -5,7 +5,8 @@ the program so that independent thunks can run at the same time, which keeps man
 memory-optimized scheduler orders the same program to keep fewer buffers live. Same HLO, same results bit for bit
 (only the order of independent ops changes), and measured on the 2-core development machine it is both smaller and
 faster, because a smaller working set stays in cache and fewer pages are touched (``python -m benchmarks xla``
-compiles the same programs both ways and times them in turn; its table is in the README):
+compiles the same programs both ways and times them in turn; its current table is in the README, the
+measurements below in benchmarks/PERFORMANCE.md):
 
 - training step, batch 8: XLA's temp buffers volo_d1_224 2184 -> 1610 MiB, ese_vovnet19b_dw 1384 -> 711 MiB,
   convit_base 2718 -> 1739 MiB; step throughput 1.15-1.42x on the four seed models, the same loss to the last bit;
