@@ -4,7 +4,8 @@
     python -m benchmarks outlook --batch 8 --repeats 50 --dtype bfloat16
 
 Both sides get the same weights and input. Every repeat times timm forward, ours forward, timm forward+backward and
-ours forward+backward back to back, so a noisy machine slows both sides alike; the table shows medians.
+ours forward+backward back to back, so a noisy machine slows both sides alike, each right after an untimed call of
+its own; the table shows medians.
 Forward: torch under `no_grad`, ours `jax.jit` + `block_until_ready`. Forward+backward: gradient of `sum(output)` with
 respect to the input and every parameter (torch: `.backward()`; ours: `jax.grad` of a pure function of
 (params, x), jitted). `ours` is `OutlookAttention.__call__` itself. `ratio` = timm time / our time (> 1: we are
@@ -138,6 +139,10 @@ def _case(args: argparse.Namespace, dim: int, heads: int, k: int, p: int, s: int
     times = {key: [] for key in fns}
     for _ in range(args.repeats):  # interleaved, so load changes hit every column alike
         for key, fn in fns.items():
+            # An untimed call right before each timed one, as `benchmarks models` does: each call is then timed in
+            # the state a user running only that implementation has (its threads awake, its buffers in cache), not
+            # right after the other framework ran. At batch 1 these ops take a few ms, so that state is most of it.
+            fn()
             time.sleep(args.settle_ms / 1e3)
             times[key].append(_timed(fn))
     return times, compile_s
