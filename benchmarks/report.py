@@ -3,7 +3,7 @@
 A block is the text between two marker lines, one pair per benchmark::
 
     <!-- benchmarks:models -->
-    ...written by `python -m benchmarks models --readme`; replaced on every such run...
+    ...written by `python -m benchmarks models --readme README.md`; replaced on every such run...
     <!-- /benchmarks:models -->
 
 Everything outside the markers is left as it is, so the prose around a table stays hand-written. The block says

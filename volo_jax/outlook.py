@@ -15,17 +15,19 @@ Two implementations of the middle part (everything between the Linears) are prov
 - `outlook_attention` (used by the module): the same numbers, written for XLA:CPU. Unfold + attention + fold run on a
   *phase* (space-to-depth) layout, `(s, s, B, h, w, heads, d)` with `xph[rh, rw, b, q, r] = x[b, q*s + rh, r*s + rw]`.
   In it every kernel offset of the stride-s window is a unit-stride shift of one phase plane (by -1, 0 or +1 for
-  VOLO's k=3, p=1), so
-  unfold, the k^4 multiply-adds and fold fuse into one loop over contiguous channels, with no strided slices, no
-  interior padding, no (B, h, w, k*k, C) patch tensor and no batched 9x9 @ 9x32 matmuls (all slow on XLA:CPU).
+  VOLO's k=3, p=1), so unfold, the k^4 multiply-adds and fold fuse into one loop over contiguous channels, with no
+  strided slices, no interior padding, no (B, h, w, k*k, C) patch tensor and no batched 9x9 @ 9x32 matmuls (all
+  slow on XLA:CPU). The attention logits are produced and softmaxed channel-major, (heads * k^4, B, h, w), so that
+  the softmax reduces over a major axis, vectorized over positions.
   Its VJP is written by hand: fold is the adjoint of unfold, so d(v) is the same kernel with the attention
-  transposed, and d(attn) is a per-head dot product over d, one batched (k*k, d) @ (d, k*k) matmul per position.
-  The attention logits are produced and softmaxed channel-major, (heads * k^4, B, h, w), for the same reason.
+  transposed. d(attn) is a per-head dot product over d: one batched (k*k, d) @ (d, k*k) matmul per position and
+  head, with the batch axes leading (see `_attention_grad`; in that canonical form XLA:CPU's matmul library runs
+  it about twice as fast as the unrolled multiply-adds it replaced).
 
-`python -m benchmarks outlook` times both against timm eager. On 2 CPU cores (fp32, VOLO-D1/D5 stage-1 shapes,
-batch 1 and 8) the module measured 1.8-2.9x faster than timm in the forward pass and 1.3-1.75x in forward+backward;
-with the reference kernel swapped in, forward+backward is ~0.7x timm (XLA:CPU's autodiff of strided slices, interior
-padding and batched 9x9 @ 9x32 matmuls), i.e. the phase kernel is ~2x faster there.
+`python -m benchmarks outlook` times both against timm eager; the README's outlook table holds the latest run. On 2
+CPU cores (fp32, VOLO-D1/D5 stage-1 shapes, batch 1 and 8) the module has measured 1.4-3.2x faster than timm in the
+forward pass and 1.0-1.5x in forward+backward; with the reference kernel swapped in, forward+backward is 0.7-1.0x
+timm (XLA:CPU's autodiff of strided slices, interior padding and batched 9x9 @ 9x32 matmuls).
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def _attention_grad(gp: jax.Array, vp: jax.Array, k: int, p: int, s: int, h: int
     One batched matmul: per position and head, the (k*k, d) windows of g times the (k*k, d) windows of v transposed,
     with the batch axes (B, h, w, heads) leading and d minor, the canonical form XLA:CPU hands to its matmul library.
     (The earlier form, channel-major planes and an unrolled chain of d multiply-adds over nine stacked windows, took
-    17.6 ms against 9.0 ms at VOLO-D1's stage-1 shape, batch 8, and 64 ms against 25 ms at VOLO-D5's.)
+    18.1 ms against 8.6-9.0 ms at VOLO-D1's stage-1 shape, batch 8, and 64.3 ms against 24.7 ms at VOLO-D5's.)
 
     Returns:
         (k*k [i], k*k [j], B, h, w, heads).
