@@ -140,8 +140,8 @@ def _case(args: argparse.Namespace, dim: int, heads: int, k: int, p: int, s: int
     for _ in range(args.repeats):  # interleaved, so load changes hit every column alike
         for key, fn in fns.items():
             # An untimed call right before each timed one, as `benchmarks models` does: each call is then timed in
-            # the state a user running only that implementation has (its threads awake, its buffers in cache), not
-            # right after the other framework ran. At batch 1 these ops take a few ms, so that state is most of it.
+            # the state a user running only that implementation has (its own data and code in the caches), not in
+            # what the other framework left behind. At batch 1 these ops take a few ms, so that state weighs most.
             fn()
             time.sleep(args.settle_ms / 1e3)
             times[key].append(_timed(fn))
