@@ -161,11 +161,9 @@ def _attention_grad(gp: jax.Array, vp: jax.Array, k: int, p: int, s: int, h: int
         (k*k [i], k*k [j], B, h, w, heads).
     """
     acc_dtype = jnp.promote_types(gp.dtype, jnp.float32)
-    lo, _ = _halo(k, p, s)
-    offs = _offsets(k, p, s)
     # gp, vp: (s, s, B, h+, w+, heads, d) -> windows stacked after heads: (B, h, w, heads, k*k, d)
-    gw = jnp.stack([gp[rh, rw, :, lo + oh : lo + oh + h, lo + ow : lo + ow + w] for rh, rw, oh, ow in offs], 4)
-    vw = jnp.stack([vp[rh, rw, :, lo + oh : lo + oh + h, lo + ow : lo + ow + w] for rh, rw, oh, ow in offs], 4)
+    gw = jnp.stack(_windows(gp, k, p, s, h, w), 4)
+    vw = jnp.stack(_windows(vp, k, p, s, h, w), 4)
     return jnp.einsum("bxyhid,bxyhjd->ijbxyh", gw.astype(acc_dtype), vw.astype(acc_dtype),
                       precision=lax.Precision.HIGHEST)  # (i, j, B, h, w, heads)
 
