@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -123,6 +124,18 @@ def _windows(xp: jax.Array, k: int, p: int, s: int, h: int, w: int) -> list[jax.
     return [xp[:, lo + oh : lo + oh + h, rh, lo + ow : lo + ow + w, rw] for rh, rw, oh, ow in _offsets(k, p, s)]
 
 
+def _window_index(k: int, p: int, s: int, h: int, w: int) -> np.ndarray:
+    """`_windows` as one gather: (h, w, k*k) indices into the haloed planes flattened over (h+, s, w+, s)."""
+    lo, hi = _halo(k, p, s)
+    row_len = (lo + w + hi) * s  # elements per haloed full-resolution row
+    idx = np.empty((h, w, k * k), np.int32)
+    for j, (rh, rw, oh, ow) in enumerate(_offsets(k, p, s)):
+        rows = (lo + oh + np.arange(h)) * s + rh  # haloed full-resolution row of window j at grid row n
+        cols = (lo + ow + np.arange(w)) * s + rw
+        idx[:, :, j] = rows[:, None] * row_len + cols[None, :]
+    return idx
+
+
 def _mix_and_fold(xp: jax.Array, a: jax.Array, k: int, p: int, s: int) -> jax.Array:
     """fold_i(sum_j a[i, j] * unfold_j(x)) in phase layout, one fused elementwise loop for XLA.
 
@@ -158,19 +171,21 @@ def _mix_and_fold(xp: jax.Array, a: jax.Array, k: int, p: int, s: int) -> jax.Ar
 def _attention_grad(gp: jax.Array, vp: jax.Array, k: int, p: int, s: int, h: int, w: int) -> jax.Array:
     """d(loss)/d(a)[i, j] = <unfold_i(g), unfold_j(v)> summed over d within each head.
 
-    One batched matmul: per position and head, the (k*k, d) windows of g times the (k*k, d) windows of v transposed,
-    with the batch axes (B, h, w, heads) leading and d minor, the canonical form XLA:CPU hands to its matmul library.
-    (The earlier form, channel-major planes and an unrolled chain of d multiply-adds over nine stacked windows, took
-    18.1 ms against 8.6-9.0 ms at VOLO-D1's stage-1 shape, batch 8, and 64.3 ms against 24.7 ms at VOLO-D5's.)
+    One batched matmul: per position and head, the (k*k, d) windows of g times the (k*k, d) windows of v transposed.
+    XLA:CPU hands it to its matmul library. (The earlier form, channel-major planes and an unrolled chain of d
+    multiply-adds over nine stacked windows, took 18.1 ms against 8.6-9.0 ms at VOLO-D1's stage-1 shape, batch 8, and
+    64.3 ms against 24.7 ms at VOLO-D5's.) Each operand's windows come from one gather: XLA:CPU wrote the k*k slices
+    of `_windows` and their stack as k*k + 1 loops, which made the op 1.07x (batch 8) to 1.15x (batch 1) slower.
 
     Returns:
         (k*k [i], k*k [j], B, h, w, heads).
     """
     acc_dtype = jnp.promote_types(gp.dtype, jnp.float32)
-    # gp, vp: (B, h+, s, w+, s, heads, d) -> windows stacked after heads: (B, h, w, heads, k*k, d)
-    gw = jnp.stack(_windows(gp, k, p, s, h, w), 4)
-    vw = jnp.stack(_windows(vp, k, p, s, h, w), 4)
-    return jnp.einsum("bxyhid,bxyhjd->ijbxyh", gw.astype(acc_dtype), vw.astype(acc_dtype),
+    B, hp, _, wp, _, nh, d = gp.shape  # (B, h+, s, w+, s, heads, d) haloed planes
+    idx = _window_index(k, p, s, h, w)  # (h, w, k*k), static
+    gw = gp.reshape(B, hp * s * wp * s, nh, d)[:, idx]  # (B, h, w, k*k, heads, d)
+    vw = vp.reshape(B, hp * s * wp * s, nh, d)[:, idx]
+    return jnp.einsum("bxyihd,bxyjhd->ijbxyh", gw.astype(acc_dtype), vw.astype(acc_dtype),
                       precision=lax.Precision.HIGHEST)  # (i, j, B, h, w, heads)
 
 
