@@ -24,13 +24,14 @@ Two implementations of the middle part (everything between the Linears) are prov
   axis, vectorized over positions.
   Its VJP is written by hand: fold is the adjoint of unfold, so d(v) is the same kernel with the attention
   transposed. d(attn) is a per-head dot product over d: one batched (k*k, d) @ (d, k*k) matmul per position and
-  head, with the batch axes leading (see `_attention_grad`; in that canonical form XLA:CPU's matmul library runs
-  it about twice as fast as the unrolled multiply-adds it replaced).
+  head, on windows gathered from the planes (see `_attention_grad`; XLA:CPU's matmul library runs it about twice as
+  fast as the unrolled multiply-adds it replaced).
 
 `python -m benchmarks outlook` times both against timm eager; the README's outlook table holds the latest run. On 2
-CPU cores (fp32, VOLO-D1/D5 stage-1 shapes, batch 1 and 8) the module has measured 1.4-3.2x faster than timm in the
-forward pass and 1.0-1.5x in forward+backward; with the reference kernel swapped in, forward+backward is 0.7-1.0x
-timm (XLA:CPU's autodiff of strided slices, interior padding and batched 9x9 @ 9x32 matmuls).
+CPU cores (fp32, VOLO-D1/D5 stage-1 shapes, batch 1 and 8) the module measured 1.7-3.1x faster than timm in the
+forward pass and 1.2-1.7x in forward+backward in the runs of 2026-12-06 (batch 1 varies most from run to run); with
+the reference kernel swapped in, forward+backward is 0.7-1.2x timm (XLA:CPU's autodiff of strided slices, interior
+padding and batched 9x9 @ 9x32 matmuls).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def _attention_grad(gp: jax.Array, vp: jax.Array, k: int, p: int, s: int, h: int
     XLA:CPU hands it to its matmul library. (The earlier form, channel-major planes and an unrolled chain of d
     multiply-adds over nine stacked windows, took 18.1 ms against 8.6-9.0 ms at VOLO-D1's stage-1 shape, batch 8, and
     64.3 ms against 24.7 ms at VOLO-D5's.) Each operand's windows come from one gather: XLA:CPU wrote the k*k slices
-    of `_windows` and their stack as k*k + 1 loops, which made the op 1.07x (batch 8) to 1.15x (batch 1) slower.
+    of `_windows` and their stack as k*k + 1 loops, which made the module's forward+backward 1.03-1.15x slower.
 
     Returns:
         (k*k [i], k*k [j], B, h, w, heads).
