@@ -116,7 +116,7 @@ def _halo(k: int, p: int, s: int) -> tuple[int, int]:
 def _halo_pad(xph: jax.Array, k: int, p: int, s: int) -> jax.Array:
     """(B, h, s, w, s, ...) -> (B, lo + h + hi, s, lo + w + hi, s, ...) with zeros (torch's unfold padding)."""
     lo, hi = _halo(k, p, s)
-    return jnp.pad(xph, ((0, 0), (lo, hi), (0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
+    return jnp.pad(xph, ((0, 0), (lo, hi), (0, 0), (lo, hi)) + ((0, 0),) * (xph.ndim - 4))
 
 
 def _windows(xp: jax.Array, k: int, p: int, s: int, h: int, w: int) -> list[jax.Array]:
